@@ -1,0 +1,127 @@
+"""Causal multi-head attention with a KV cache as its state, and optional GPT-NeoX style rotary embedding.
+
+Parameter layout follows the official hybrid models (REFERENCE 2): a fused Wqkv whose rows are all query
+heads, then all key heads, then all value heads, with bias; out_proj with bias; scale 1/sqrt(head size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_sequence, check_token
+
+
+@dataclass
+class KVCache:
+    """Keys and values seen so far; buffers (B, n_head, capacity, head_dim) filled up to `length`."""
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+    def append(self, k: Tensor, v: Tensor) -> KVCache:
+        """A cache holding these new keys and values (B, n_head, L, head_dim) after the old ones.
+
+        The buffers are written in place and doubled when full, so decoding costs no copy per token.
+        """
+        need = self.length + k.shape[2]
+        buf_k, buf_v = self.k, self.v
+        if need > buf_k.shape[2]:
+            capacity = max(need, 2 * buf_k.shape[2])
+            grow = (0, 0, 0, capacity - buf_k.shape[2])
+            buf_k, buf_v = F.pad(buf_k, grow), F.pad(buf_v, grow)
+        buf_k[:, :, self.length : need] = k
+        buf_v[:, :, self.length : need] = v
+        return KVCache(buf_k, buf_v, need)
+
+    def keys(self) -> Tensor:
+        """Filled keys (B, n_head, length, head_dim)."""
+        return self.k[:, :, : self.length]
+
+    def values(self) -> Tensor:
+        """Filled values (B, n_head, length, head_dim)."""
+        return self.v[:, :, : self.length]
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding of the first `dim` features of each head, halves paired (GPT-NeoX)."""
+
+    def __init__(self, dim: int, base: float = 10000.0, device=None):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dim must be even, got {dim}")
+        self.dim = dim
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, offset: int) -> Tensor:
+        """Rotate x (B, n_head, L, head_dim) for absolute positions offset .. offset + L - 1."""
+        L = x.shape[2]
+        pos = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq[None, :]  # (L, dim / 2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        half = self.dim // 2
+        x1, x2, rest = x[..., :half], x[..., half : self.dim], x[..., self.dim :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention; x (B, L, d_model). State: a KVCache of the tokens seen so far."""
+
+    def __init__(self, d_model: int, n_head: int, rotary_dim: int = 0, device=None, dtype=None):
+        super().__init__()
+        if n_head < 1 or d_model % n_head:
+            raise ValueError(f"n_head {n_head} must divide d_model {d_model}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.n_head, self.head_dim = d_model, n_head, d_model // n_head
+        if rotary_dim > self.head_dim:
+            raise ValueError(f"rotary_dim {rotary_dim} exceeds the head size {self.head_dim}")
+        self.Wqkv = nn.Linear(d_model, 3 * d_model, **factory)
+        self.out_proj = nn.Linear(d_model, d_model, **factory)
+        self.rotary_emb = Rotary(rotary_dim, device=device) if rotary_dim else None
+
+    def init_state(self, batch_size: int, device=None, dtype=None, capacity: int = 256) -> KVCache:
+        """Empty KV cache with room for `capacity` tokens (it grows when needed)."""
+        dtype = dtype or self.Wqkv.weight.dtype
+        shape = (batch_size, self.n_head, capacity, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def _heads(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v each (B, n_head, L, head_dim), rotary applied."""
+        B, L, _ = x.shape
+        q, k, v = self.Wqkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(q, offset), self.rotary_emb(k, offset)
+        return q, k, v
+
+    def forward(
+        self, x: Tensor, state: KVCache | None = None, return_state: bool = False
+    ) -> tuple[Tensor, KVCache | None]:
+        """Whole sequence in parallel after the cached tokens; x (B, L, D) -> (out (B, L, D), cache or None)."""
+        check_sequence(x, self.d_model)
+        B, L, D = x.shape
+        past = state.length if state is not None else 0
+        q, k, v = self._heads(x, past)
+        if past:
+            state = state.append(k, v)
+            # Query i sits at absolute position past + i and may see keys 0 .. past + i.
+            mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q, state.keys(), state.values(), attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if return_state:
+                state = (state or self.init_state(B, x.device, k.dtype, capacity=L)).append(k, v)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+        return out, (state if return_state else None)
+
+    def step(self, x_t: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+        """One token; x_t (B, D) -> (out (B, D), cache with the token appended)."""
+        check_token(x_t, self.d_model)
+        q, k, v = self._heads(x_t[:, None], state.length)
+        state = state.append(k, v)
+        out = F.scaled_dot_product_attention(q, state.keys(), state.values())
+        return self.out_proj(out.reshape(x_t.shape[0], self.d_model)), state

@@ -1,0 +1,150 @@
+"""The H3 layer: out = (q * SSM_diag(SSM_shift(k) * v)) W_o, with multiplicative interactions.
+
+    q, k, v = x W_q + b_q, x W_k + b_k, x W_v + b_v
+    k'  = shift_ssm(k) + ssm_k_D * k
+    kv  = k' * v                                   (head_dim 1)
+    y   = diag_ssm(kv) + D * kv
+    out = (q * y) W_o + b_o
+
+With head_dim hd > 1 each head h forms the hd x hd outer product kv[d1, d2] = k'[h, d1] v[h, d2], runs every
+entry through diagonal SSM channel h, and contracts with q: out[h, d2] = sum_d1 q[h, d1] y[h, d1, d2].
+Channels are ordered (h, d) on the way in and (h, d2) on the way out (REFERENCE 1).
+
+The SSM part runs channel-first (B, D, L) so that both SSMs see contiguous time series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_sequence, check_token
+from .diagonal_ssm import DiagonalSSM
+from .shift_ssm import ShiftSSM
+
+
+@dataclass
+class H3State:
+    """Recurrent state of an H3 layer: fixed size, whatever the length of the sequence behind it."""
+
+    shift: Tensor  # (B, D, N) real: the last N inputs of the shift SSM
+    diag: Tensor  # (B, H, M) complex, or (B, hd, hd, H, M) when head_dim > 1
+
+
+# Official parameter names (REFERENCE 3) -> ours; the official C tensors carry a leading channel axis of 1.
+OFFICIAL_H3_NAMES = {
+    "ssm_k_kernel.kernel.B": "shift.B",
+    "ssm_k_kernel.kernel.C": "shift.C",
+    "kernel.kernel.log_dt": "diag.log_dt",
+    "kernel.kernel.inv_A_real": "diag.inv_A_real",
+    "kernel.kernel.A_imag": "diag.A_imag",
+    "kernel.kernel.B": "diag.B",
+    "kernel.kernel.C": "diag.C",
+}
+_OFFICIAL_SQUEEZED = {"ssm_k_kernel.kernel.C", "kernel.kernel.C"}
+
+
+class H3(nn.Module):
+    """H3 mixer; x (B, L, d_model) -> (B, L, d_model). Follows the mixer state contract (DESIGN.md)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        head_dim: int = 1,
+        *,
+        ssm_init: str = "lin",
+        discretization: str = "bilinear",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        mode: str = "auto",
+        chunk: int = 64,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if head_dim < 1 or d_model % head_dim:
+            raise ValueError(f"head_dim {head_dim} must divide d_model {d_model}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.head_dim = d_model, d_state, head_dim
+        self.n_heads = d_model // head_dim
+        self.q_proj = nn.Linear(d_model, d_model, **factory)
+        self.k_proj = nn.Linear(d_model, d_model, **factory)
+        self.v_proj = nn.Linear(d_model, d_model, **factory)
+        self.shift = ShiftSSM(d_model, d_state, **factory)
+        self.diag = DiagonalSSM(
+            self.n_heads, d_state, ssm_init, discretization, dt_min, dt_max, mode, chunk, **factory
+        )
+        self.ssm_k_D = nn.Parameter(torch.randn(d_model, **factory))
+        self.D = nn.Parameter(torch.randn(self.n_heads, **factory))
+        self.output_linear = nn.Linear(d_model, d_model, **factory)
+
+    # ---- state contract -------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> H3State:
+        """Zero state for a batch: before any token."""
+        hd = self.head_dim
+        diag_batch = (batch_size,) if hd == 1 else (batch_size, hd, hd)
+        return H3State(
+            shift=self.shift.init_state(batch_size, device, dtype),
+            diag=self.diag.init_state(diag_batch, device, dtype),
+        )
+
+    def forward(
+        self, x: Tensor, state: H3State | None = None, return_state: bool = False
+    ) -> tuple[Tensor, H3State | None]:
+        """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None)."""
+        check_sequence(x, self.d_model)
+        # (B, L, D) -> channel-first (B, D, L) views; the SSM ops make them contiguous once.
+        q, k, v = (proj(x).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        k, shift_state = self.shift(k, state.shift if state else None, return_state, skip=self.ssm_k_D)
+        y, diag_state = self._diag_mix(q, k, v, state.diag if state else None, return_state)
+        out = self.output_linear(y.transpose(1, 2))
+        return out, (H3State(shift_state, diag_state) if return_state else None)
+
+    def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:
+        """One token; x_t (B, D) -> (out (B, D), new state)."""
+        check_token(x_t, self.d_model)
+        q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)
+        k, shift_state = self.shift.step(k, state.shift, skip=self.ssm_k_D)
+        y, diag_state = self._diag_mix(q[..., None], k[..., None], v[..., None], state.diag, None)
+        return self.output_linear(y[..., 0]), H3State(shift_state, diag_state)
+
+    # ---- the multiplicative core ------------------------------------------------------------------------
+    def _diag_mix(self, q: Tensor, k: Tensor, v: Tensor, diag_state, return_state):
+        """q * diag_ssm(k * v) on channel-first (B, D, L) tensors; return_state None means one step."""
+        ssm = self.diag
+        if self.head_dim == 1:
+            kv = k * v
+            if return_state is None:
+                y, new = ssm.step(kv[..., 0], diag_state, skip=self.D)
+                y = y[..., None]
+            else:
+                y, new = ssm(kv, diag_state, return_state, skip=self.D)
+            return q * y, new
+        Bsz, D, L = q.shape
+        H, hd = self.n_heads, self.head_dim
+        q, k, v = (t.reshape(Bsz, H, hd, L) for t in (q, k, v))
+        # kv[b, d1, d2, h, l] = k'[b, h, d1, l] v[b, h, d2, l]: the channel axis h goes next to time.
+        kv = torch.einsum("bhil,bhjl->bijhl", k, v)
+        if return_state is None:
+            y, new = ssm.step(kv[..., 0], diag_state, skip=self.D)
+            y = y[..., None]
+        else:
+            y, new = ssm(kv, diag_state, return_state, skip=self.D)
+        out = torch.einsum("bhil,bijhl->bhjl", q, y)  # (B, H, hd(d2), L): output order (h, d2)
+        return out.reshape(Bsz, D, L), new
+
+    # ---- official checkpoints ---------------------------------------------------------------------------
+    @staticmethod
+    def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map one official H3 mixer's tensors (names relative to the mixer, REFERENCE 3) to this layer's."""
+        converted = {}
+        for name, tensor in official.items():
+            if name in _OFFICIAL_SQUEEZED:
+                if tensor.shape[0] != 1:
+                    raise ValueError(f"{name}: expected one output channel (leading axis 1), got {tuple(tensor.shape)}")
+                tensor = tensor[0]
+            converted[OFFICIAL_H3_NAMES.get(name, name)] = tensor
+        return converted

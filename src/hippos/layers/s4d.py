@@ -1,0 +1,53 @@
+"""S4D baseline mixer (the paper's comparison): diagonal SSM + skip, GELU, output projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_sequence, check_token
+from .diagonal_ssm import DiagonalSSM
+
+
+class S4D(nn.Module):
+    """out = W_o GELU(diag_ssm(x) + D x) + b_o; x (B, L, d_model). State: the SSM state (B, D, M) complex."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        *,
+        ssm_init: str = "lin",
+        discretization: str = "bilinear",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        mode: str = "auto",
+        chunk: int = 64,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state = d_model, d_state
+        self.diag = DiagonalSSM(d_model, d_state, ssm_init, discretization, dt_min, dt_max, mode, chunk, **factory)
+        self.D = nn.Parameter(torch.randn(d_model, **factory))
+        self.output_linear = nn.Linear(d_model, d_model, **factory)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        """Zero state for a batch: before any token."""
+        return self.diag.init_state(batch_size, device, dtype)
+
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, return_state: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None)."""
+        check_sequence(x, self.d_model)
+        y, new_state = self.diag(x.transpose(1, 2), state, return_state, skip=self.D)
+        return self.output_linear(F.gelu(y.transpose(1, 2))), new_state
+
+    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One token; x_t (B, D) -> (out (B, D), new state)."""
+        check_token(x_t, self.d_model)
+        y, state = self.diag.step(x_t, state, skip=self.D)
+        return self.output_linear(F.gelu(y)), state

@@ -1,0 +1,64 @@
+"""ShiftSSM: the H3 layer's short-memory SSM, a learned causal filter of d_state taps per channel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import compute_dtype, shift_kernel, short_conv, short_conv_step
+from ._checks import check_state
+
+
+class ShiftSSM(nn.Module):
+    """Shift SSM over channel-first inputs u (..., H, L); parameters B, C (H, N) as in REFERENCE 1.
+
+    State: the last N inputs of every channel, oldest first (the shift register of the equivalent
+    realisation with B = e_1, C = kernel), shape (..., H, N), real.
+    """
+
+    def __init__(self, channels: int, d_state: int = 64, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.channels, self.d_state = channels, d_state
+        self.B = nn.Parameter(torch.zeros(channels, d_state, **factory))
+        self.C = nn.Parameter(torch.empty(channels, d_state, **factory))
+        self.B._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """B = e_1, C ~ U(-1/sqrt(N), 1/sqrt(N))."""
+        with torch.no_grad():
+            self.B.zero_()
+            self.B[:, 0] = 1.0
+            bound = 1 / math.sqrt(self.d_state)
+            self.C.uniform_(-bound, bound)
+
+    def kernel(self) -> Tensor:
+        """The convolution kernel K[h, i] = sum_n B[h, n] C[h, n + i]; (H, N)."""
+        return shift_kernel(self.B, self.C)
+
+    def init_state(self, batch_shape, device=None, dtype=None) -> Tensor:
+        """Zero state (*batch_shape, H, N) in the SSM compute dtype (float32, or float64 for float64)."""
+        batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        dtype = compute_dtype(dtype or self.B.dtype)
+        return torch.zeros(*batch_shape, self.channels, self.d_state, device=device, dtype=dtype)
+
+    def forward(
+        self, u: Tensor, state: Tensor | None = None, return_state: bool = False, skip: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """y = K * u (+ skip * u); u (..., H, L) -> (y (..., H, L), state after u or None)."""
+        if state is not None:
+            check_state(state, (*u.shape[:-1], self.d_state), "shift SSM state")
+        y = short_conv(u, self.kernel(), skip, history=state)
+        if not return_state:
+            return y, None
+        past = state if state is not None else self.init_state(u.shape[:-2], u.device, u.dtype)
+        new_state = torch.cat([past, u.to(past.dtype)], dim=-1)[..., -self.d_state :]
+        return y, new_state
+
+    def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One step; u_t (..., H), state (..., H, N) -> (y_t (..., H), new state)."""
+        check_state(state, (*u_t.shape, self.d_state), "shift SSM state")
+        return short_conv_step(u_t, state, self.kernel(), skip)

@@ -1,0 +1,96 @@
+"""The diagonal SSM (S4D): discretisation, convolution kernel and recurrence.
+
+Per channel h and complex mode m (M = N / 2 modes), with the conjugate half implied by "2 Re":
+
+    x_t = dA x_{t-1} + dB u_t,   y_t = 2 Re(sum_m C_m x_t[m]),   K[l] = 2 Re(sum_m C_m dB_m dA_m^l).
+
+Parameters are complex tensors (H, M); inputs u are real (..., H, L). The D skip is not part of the SSM: the
+layers add it. All math runs in complex64, or complex128 when the inputs are float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "diag_kernel",
+    "diag_kernel_ref",
+    "diag_scan_ref",
+    "diag_step",
+    "discretize",
+    "ssm_A",
+]
+
+DISCRETIZATIONS = ("bilinear", "zoh")
+
+
+def ssm_A(inv_A_real: Tensor, A_imag: Tensor) -> Tensor:
+    """Continuous-time A = -exp(inv_A_real) + i A_imag (real part always negative); (H, M) -> complex."""
+    return torch.complex(-torch.exp(inv_A_real), A_imag)
+
+
+def discretize(log_dt: Tensor, A: Tensor, B: Tensor, method: str = "bilinear") -> tuple[Tensor, Tensor]:
+    """Discrete (dA, dB), each (H, M) complex, from log_dt (H,), A (H, M) and B (H, M) complex.
+
+    bilinear: dA = (1 + dt A / 2) / (1 - dt A / 2), dB = dt B / (1 - dt A / 2).
+    zoh:      dA = exp(dt A),                       dB = B (exp(dt A) - 1) / A.
+    """
+    if method not in DISCRETIZATIONS:
+        raise ValueError(f"unknown discretization {method!r}; choose one of {DISCRETIZATIONS}")
+    dt = torch.exp(log_dt)[:, None]
+    dtA = dt * A
+    if method == "bilinear":
+        denom = 1.0 - dtA / 2
+        return (1.0 + dtA / 2) / denom, dt * B / denom
+    dA = torch.exp(dtA)
+    return dA, B * (dA - 1.0) / A
+
+
+def diag_kernel_ref(dA: Tensor, dB: Tensor, C: Tensor, L: int) -> Tensor:
+    """Kernel by its definition, materialising the (H, M, L) Vandermonde matrix; -> (H, L) real."""
+    powers = dA[..., None] ** torch.arange(L, device=dA.device)
+    return 2 * ((C * dB)[..., None] * powers).sum(-2).real
+
+
+def diag_kernel(dA: Tensor, dB: Tensor, C: Tensor, L: int, block: int = 256) -> Tensor:
+    """Same as `diag_kernel_ref` with memory O(H M (block + L / block)) instead of O(H M L); -> (H, L).
+
+    Writes l = b * block + j: K[l] = 2 Re(sum_m (C dB dA^(b block))_m dA_m^j), a real matrix product of a
+    (blocks x 2M) coefficient matrix and a (2M x block) Vandermonde matrix per channel.
+    """
+    H, M = dA.shape
+    T = min(block, L)
+    nb = -(-L // T)
+    log_dA = torch.log(dA)
+    steps = torch.arange(T, device=dA.device, dtype=log_dA.real.dtype)
+    starts = torch.arange(nb, device=dA.device, dtype=log_dA.real.dtype) * T
+    vander = torch.exp(log_dA[..., None] * steps)  # (H, M, T)
+    coef = (C * dB)[..., None] * torch.exp(log_dA[..., None] * starts)  # (H, M, nb)
+    # 2 Re(w v) = 2 (w.re v.re - w.im v.im): one real matmul with the halves stacked.
+    lhs = torch.cat([coef.real, -coef.imag], dim=1).transpose(1, 2)  # (H, nb, 2M)
+    rhs = torch.cat([vander.real, vander.imag], dim=1)  # (H, 2M, T)
+    return 2 * torch.bmm(lhs, rhs).reshape(H, nb * T)[:, :L]
+
+
+def diag_step(u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """One recurrent step; u_t (..., H) real, state (..., H, M) complex -> (y_t (..., H), new state)."""
+    state = dA * state + dB * u_t[..., None].to(state.dtype)
+    return 2 * (C * state).sum(-1).real, state
+
+
+def diag_scan_ref(
+    u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The recurrence over a whole sequence, one step at a time; u (..., H, L) -> (y, final state).
+
+    state (..., H, M) complex is the state before the first input (zeros when None).
+    """
+    if state is None:
+        state = torch.zeros(*u.shape[:-1], dA.shape[-1], dtype=dA.dtype, device=u.device)
+    ys = []
+    for t in range(u.shape[-1]):
+        y_t, state = diag_step(u[..., t], state, dA, dB, C)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
+    return y, state

@@ -1,0 +1,164 @@
+"""FlashConv state passing: the diagonal SSM over a long sequence, one chunk of T steps at a time.
+
+With h the complex state entering a chunk and u_0 .. u_{T-1} its inputs (REFERENCE section 1):
+
+    y_j = sum_{i <= j} K[j - i] u_i + 2 Re(sum_m C_m dA_m^(j+1) h_m)        (intra-chunk + from the state)
+    h'  = dA^T h + sum_i dA^(T-1-i) dB u_i                                   (state leaving the chunk)
+
+Per channel that is one T x T Toeplitz matrix and two T x 2M real Vandermonde matrices applied to every chunk
+at once as batched matmuls, plus a scan over chunks on the tiny (H, M) state. Exact, O(L (T + M)) work,
+memory bounded by the chunk: the CPU's matmul units do what an FFT of the whole sequence would.
+
+The same operators give "outputs caused by an initial state" and "state after a sequence", which the FFT
+path of the layers uses to honour the state contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv import compute_dtype
+
+__all__ = ["chunk_operators", "diag_final_state", "diag_ssm_chunked", "diag_state_outputs"]
+
+
+@dataclass
+class ChunkOperators:
+    """Per-channel matrices of one chunk of T steps (M complex modes as 2M interleaved re/im reals)."""
+
+    toeplitz: Tensor  # (H, T, T): toeplitz[j, i] = K[j - i] for i <= j, else 0
+    w_in: Tensor  # (H, T, 2M): input i -> re/im of dB dA^(T-1-i), its share of the state leaving the chunk
+    w_out: Tensor  # (H, 2M, T): re/im of entering state -> output j, 2 Re(C dA^(j+1) h)
+    dA_T: Tensor  # (H, M) complex: dA^T, how the state decays over one chunk
+
+    @property
+    def T(self) -> int:
+        return self.toeplitz.shape[-1]
+
+
+def chunk_operators(dA: Tensor, dB: Tensor, C: Tensor, T: int) -> ChunkOperators:
+    """Build the chunk matrices from discrete (dA, dB, C), each (H, M) complex."""
+    H, M = dA.shape
+    exps = torch.arange(T + 1, device=dA.device, dtype=dA.real.dtype)
+    powers = torch.exp(torch.log(dA)[..., None] * exps)  # (H, M, T + 1): dA^0 .. dA^T
+    kernel = 2 * ((C * dB)[..., None] * powers[..., :T]).sum(1).real  # (H, T)
+    lag = torch.arange(T, device=dA.device)
+    lag = lag[:, None] - lag[None, :]
+    toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)
+    into_state = (dB[..., None] * powers[..., :T].flip(-1)).transpose(1, 2)  # (H, T, M)
+    w_in = torch.view_as_real(into_state).reshape(H, T, 2 * M)
+    from_state = C[..., None] * powers[..., 1:]  # (H, M, T)
+    w_out = torch.stack([2 * from_state.real, -2 * from_state.imag], dim=2).reshape(H, 2 * M, T)
+    return ChunkOperators(toeplitz, w_in, w_out, powers[..., T])
+
+
+def _prepare(u: Tensor, dA: Tensor, state: Tensor | None):
+    """Flatten u (..., H, L) to (R, H, L) in the compute dtype and the state to (H, R, M) complex."""
+    *lead, H, L = u.shape
+    cdt = compute_dtype(u.dtype)
+    ctype = torch.complex128 if cdt == torch.float64 else torch.complex64
+    uc = u.reshape(-1, H, L).to(cdt)
+    R, M = uc.shape[0], dA.shape[-1]
+    if state is None:
+        h0 = torch.zeros(H, R, M, dtype=ctype, device=u.device)
+    else:
+        if state.shape != (*lead, H, M):
+            raise ValueError(f"state must be {(*lead, H, M)} complex, got {tuple(state.shape)}")
+        h0 = state.reshape(R, H, M).to(ctype).transpose(0, 1)
+    return lead, uc, h0, ctype
+
+
+def _as_chunks(uc: Tensor, T: int, front: bool) -> Tensor:
+    """(R, H, L) -> (H, R * nb, T), zero-padding L up to nb * T at the front or at the back."""
+    R, H, L = uc.shape
+    nb = -(-L // T)
+    pad = (nb * T - L, 0) if front else (0, nb * T - L)
+    return F.pad(uc, pad).transpose(0, 1).reshape(H, R * nb, T)
+
+
+def _state_to_real(h: Tensor) -> Tensor:
+    """(H, R, nb, M) complex -> (H, R * nb, 2M) interleaved re/im, the layout of w_out's rows."""
+    H, R, nb, M = h.shape
+    return torch.view_as_real(h).reshape(H, R * nb, 2 * M)
+
+
+def diag_ssm_chunked(
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    state: Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Diagonal SSM (+ D u) by state passing; u (..., H, L) real -> (y (..., H, L), final state (..., H, M)).
+
+    Equal to `diag_scan_ref` and to an FFT convolution with the SSM kernel, for any L and chunk size.
+    """
+    lead, uc, h, ctype = _prepare(u, dA, state)
+    R, H, L = uc.shape
+    dA, dB, C = dA.to(ctype), dB.to(ctype), C.to(ctype)
+    T = max(1, min(chunk, L))
+    ops = chunk_operators(dA, dB, C, T)
+    x = _as_chunks(uc, T, front=False)  # (H, R nb, T)
+    nb = x.shape[1] // R
+    s = torch.view_as_complex(torch.bmm(x, ops.w_in).reshape(H, R, nb, -1, 2))  # (H, R, nb, M)
+    # The scan is sequential over chunks but each step is a small elementwise op on (H, R, M).
+    entering = []
+    for c in range(nb):
+        entering.append(h)
+        h = torch.addcmul(s[:, :, c], ops.dA_T[:, None], h)
+    hs = torch.stack(entering, dim=2)  # (H, R, nb, M): the state entering each chunk
+    y = torch.baddbmm(torch.bmm(x, ops.toeplitz.transpose(1, 2)), _state_to_real(hs), ops.w_out)
+    y = y.reshape(H, R, nb * T)[..., :L].transpose(0, 1)
+    r = L - (nb - 1) * T
+    if r < T:
+        # The last chunk was zero-padded at the back: advance its entering state over its r real inputs only.
+        last = x.reshape(H, R, nb, T)[:, :, -1, :r]
+        s_r = torch.view_as_complex(torch.bmm(last, ops.w_in[:, T - r :]).reshape(H, R, -1, 2))
+        h = torch.exp(torch.log(dA) * r)[:, None] * hs[:, :, -1] + s_r
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * uc
+    return y.reshape(*lead, H, L).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
+
+
+def diag_state_outputs(
+    state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int = 64
+) -> Tensor:
+    """Outputs caused by an initial state alone, y_t = 2 Re(sum_m C_m dA_m^(t+1) h_m); -> (..., H, L)."""
+    *lead, H, M = state.shape
+    ctype = torch.complex128 if compute_dtype(dtype) == torch.float64 else torch.complex64
+    dA, C = dA.to(ctype), C.to(ctype)
+    T = max(1, min(chunk, L))
+    nb = -(-L // T)
+    ops = chunk_operators(dA, torch.zeros_like(dA), C, T)
+    h = state.reshape(-1, H, M).to(ctype).transpose(0, 1)  # (H, R, M)
+    starts = torch.arange(nb, device=dA.device, dtype=dA.real.dtype) * T
+    decay = torch.exp(torch.log(dA)[:, None, :] * starts[:, None])  # (H, nb, M): dA^(b T)
+    y = torch.bmm(_state_to_real(h[:, :, None] * decay[:, None]), ops.w_out)
+    return y.reshape(H, -1, nb * T)[..., :L].transpose(0, 1).reshape(*lead, H, L).to(dtype)
+
+
+def diag_final_state(
+    u: Tensor, dA: Tensor, dB: Tensor, state: Tensor | None = None, chunk: int = 64
+) -> Tensor:
+    """State after the sequence u (..., H, L) from `state` (zeros when None); -> (..., H, M) complex.
+
+    h_L = dA^L h_0 + sum_i dA^(L-1-i) dB u_i, summed chunk by chunk: zeros in front of u add nothing.
+    """
+    lead, uc, h0, ctype = _prepare(u, dA, state)
+    R, H, L = uc.shape
+    dA, dB = dA.to(ctype), dB.to(ctype)
+    T = max(1, min(chunk, L))
+    ops = chunk_operators(dA, dB, torch.zeros_like(dA), T)
+    x = _as_chunks(uc, T, front=True)
+    nb = x.shape[1] // R
+    s = torch.view_as_complex(torch.bmm(x, ops.w_in).reshape(H, R, nb, -1, 2))
+    ages = torch.arange(nb - 1, -1, -1, device=u.device, dtype=dA.real.dtype) * T
+    decay = torch.exp(torch.log(dA)[:, None, :] * ages[:, None])  # (H, nb, M): dA^(T (nb-1-c))
+    h = torch.exp(torch.log(dA) * L)[:, None] * h0 + (s * decay[:, None]).sum(2)
+    return h.transpose(0, 1).reshape(*lead, H, -1)
