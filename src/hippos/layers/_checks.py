@@ -32,3 +32,9 @@ def check_state(state: Tensor, expected: tuple[int, ...], name: str) -> None:
             f"{name} has shape {tuple(state.shape)}, expected {tuple(expected)}; "
             "build it with init_state(batch_size) or take it from the same layer"
         )
+
+
+def check_d_state(d_state: int) -> None:
+    """Require an even state size >= 2: the diagonal SSM's complex modes come in conjugate pairs."""
+    if d_state < 2 or d_state % 2:
+        raise ValueError(f"d_state must be even and >= 2 (complex modes come in conjugate pairs), got {d_state}")

@@ -6,7 +6,7 @@ heads, then all key heads, then all value heads, with bias; out_proj with bias; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,26 +17,35 @@ from ._checks import check_sequence, check_token
 
 @dataclass
 class KVCache:
-    """Keys and values seen so far; buffers (B, n_head, capacity, head_dim) filled up to `length`."""
+    """Keys and values seen so far; buffers (B, n_head, capacity, head_dim) filled up to `length`.
+
+    Decoding appends in place into preallocated buffers (doubling when full), so a token costs no copy of
+    the cache. Two cases build new buffers instead, so that a cache behaves like a value: when autograd
+    still needs the old contents, and when a cache is extended a second time from the same point (a state
+    that was saved and is reused, or forked for several continuations): copy on write.
+    """
 
     k: Tensor
     v: Tensor
     length: int = 0
+    # How far the shared buffers have been written by any cache that uses them: a list, shared on purpose.
+    written: list = field(default_factory=lambda: [0])
 
     def append(self, k: Tensor, v: Tensor) -> KVCache:
-        """A cache holding these new keys and values (B, n_head, L, head_dim) after the old ones.
-
-        The buffers are written in place and doubled when full, so decoding costs no copy per token.
-        """
+        """A cache holding these new keys and values (B, n_head, L, head_dim) after the old ones."""
         need = self.length + k.shape[2]
-        buf_k, buf_v = self.k, self.v
-        if need > buf_k.shape[2]:
-            capacity = max(need, 2 * buf_k.shape[2])
-            grow = (0, 0, 0, capacity - buf_k.shape[2])
-            buf_k, buf_v = F.pad(buf_k, grow), F.pad(buf_v, grow)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self.k.requires_grad):
+            return KVCache(torch.cat([self.keys(), k], 2), torch.cat([self.values(), v], 2), need, [need])
+        buf_k, buf_v, written = self.k, self.v, self.written
+        capacity = buf_k.shape[2]
+        if need > capacity or written[0] > self.length:
+            capacity = max(need, 2 * capacity) if need > capacity else capacity
+            buf_k, buf_v = (F.pad(t[:, :, : self.length], (0, 0, 0, capacity - self.length)) for t in (self.k, self.v))
+            written = [self.length]
         buf_k[:, :, self.length : need] = k
         buf_v[:, :, self.length : need] = v
-        return KVCache(buf_k, buf_v, need)
+        written[0] = need
+        return KVCache(buf_k, buf_v, need, written)
 
     def keys(self) -> Tensor:
         """Filled keys (B, n_head, length, head_dim)."""

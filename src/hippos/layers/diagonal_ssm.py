@@ -19,7 +19,7 @@ from ..ops import (
     ssm_A,
 )
 from ..ops.diagonal import DISCRETIZATIONS
-from ._checks import check_state
+from ._checks import check_d_state, check_state
 
 INITS = ("lin", "inv")
 MODES = ("auto", "fft", "chunked")
@@ -75,8 +75,7 @@ class DiagonalSSM(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if d_state < 2 or d_state % 2:
-            raise ValueError(f"d_state must be even and >= 2 (complex modes come in conjugate pairs), got {d_state}")
+        check_d_state(d_state)
         if discretization not in DISCRETIZATIONS:
             raise ValueError(f"unknown discretization {discretization!r}; choose one of {DISCRETIZATIONS}")
         if mode not in MODES:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_sequence, check_token
+from ._checks import check_d_state, check_sequence, check_token
 from .diagonal_ssm import DiagonalSSM
 from .shift_ssm import ShiftSSM
 
@@ -67,6 +67,7 @@ class H3(nn.Module):
         super().__init__()
         if head_dim < 1 or d_model % head_dim:
             raise ValueError(f"head_dim {head_dim} must divide d_model {d_model}")
+        check_d_state(d_state)
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.head_dim = d_model, d_state, head_dim
         self.n_heads = d_model // head_dim
@@ -74,9 +75,7 @@ class H3(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, **factory)
         self.v_proj = nn.Linear(d_model, d_model, **factory)
         self.shift = ShiftSSM(d_model, d_state, **factory)
-        self.diag = DiagonalSSM(
-            self.n_heads, d_state, ssm_init, discretization, dt_min, dt_max, mode, chunk, **factory
-        )
+        self.diag = DiagonalSSM(self.n_heads, d_state, ssm_init, discretization, dt_min, dt_max, mode, chunk, **factory)
         self.ssm_k_D = nn.Parameter(torch.randn(d_model, **factory))
         self.D = nn.Parameter(torch.randn(self.n_heads, **factory))
         self.output_linear = nn.Linear(d_model, d_model, **factory)

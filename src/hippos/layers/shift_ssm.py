@@ -20,6 +20,8 @@ class ShiftSSM(nn.Module):
 
     def __init__(self, channels: int, d_state: int = 64, device=None, dtype=None):
         super().__init__()
+        if d_state < 1:
+            raise ValueError(f"the shift SSM needs d_state >= 1 taps, got {d_state}")
         factory = {"device": device, "dtype": dtype}
         self.channels, self.d_state = channels, d_state
         self.B = nn.Parameter(torch.zeros(channels, d_state, **factory))

@@ -9,7 +9,7 @@ Three implementations of the same map, tested against each other:
 - `fft_conv`: real FFTs of a size that cannot alias (>= L + Lk - 1), processed in channel groups small
   enough to stay in cache, with a hand-written backward that recomputes the transforms instead of storing
   them. The default long convolution.
-- `short_conv`: a depthwise convolution for short filters (the shift SSM's 64 taps), which needs no FFT of
+- `short_conv`: block-Toeplitz matmuls for short filters (the shift SSM's 64 taps), which need no FFT of
   the whole sequence, and can start from the inputs that came before (`history`).
 """
 
@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "causal_conv_ref",
     "compute_dtype",
+    "contiguous_grad",
     "fft_conv",
     "next_fast_len",
     "short_conv",
@@ -50,6 +51,27 @@ def next_fast_len(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """x unchanged, but the gradient flowing back into it is made contiguous once.
+
+    Gradients arriving from a (B, L, D) model in our (B, D, L) layout are transposed views; batched matmuls
+    and convolutions then fall back to per-matrix copies (measured: thousands of small copies per layer).
+    """
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
 
 
 def _check_conv_args(u: Tensor, k: Tensor, D: Tensor | None) -> None:
@@ -142,28 +164,47 @@ def fft_conv(u: Tensor, k: Tensor, D: Tensor | None = None) -> Tensor:
     return y.reshape(*lead, H, L).to(u.dtype)
 
 
-def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | None = None) -> Tensor:
-    """Causal convolution with a short filter as a depthwise conv; u (..., H, L), k (H, Lk) -> (..., H, L).
+def _short_filter_blocks(k: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """(W_prev, W_cur), each (H, T, T): y_chunk = x_prev @ W_prev + x_cur @ W_cur for a filter of <= T taps.
 
-    `history` (..., H, >= Lk - 1) holds the inputs just before u, oldest first (a shift SSM's state);
-    without it the sequence starts from zeros. Cost O(L * Lk), no FFT.
+    Entry [i, j] of the stacked (2T, T) matrix [W_prev; W_cur] is k[T + j - i] (zero outside 0 .. Lk - 1).
+    """
+    Lk = k.shape[-1]
+    # e[p] = k[p - (2T - 1)]; its windows[a, j] = e[a + j]; rows a = 3T - 1 - i give k[T + j - i].
+    windows = F.pad(k, (2 * T - 1, 2 * T - Lk)).unfold(-1, T, 1)
+    stacked = windows[:, T : 3 * T].flip(1)
+    return stacked[:, :T], stacked[:, T:]
+
+
+def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | None = None) -> Tensor:
+    """Causal convolution with a short filter (Lk <= 64 taps by default); u (..., H, L), k (H, Lk).
+
+    `history` (..., H, W) holds the inputs just before u, oldest first (a shift SSM's state); without it
+    the sequence starts from zeros. Work O(L * max(Lk, 64)) as two batched matmuls per block of 64 steps
+    with block-Toeplitz matrices, no FFT. (Measured 1.4-2x faster forward + backward than a depthwise
+    conv1d, whose backward also slows down 6x or more for some gradient layouts.)
     """
     _check_conv_args(u, k, D)
     *lead, H, L = u.shape
     Lk = k.shape[-1]
+    T = max(Lk, 64)
     cdt = compute_dtype(u.dtype)
     uc = u.reshape(-1, H, L).to(cdt)
+    R, nb = uc.shape[0], -(-L // T)
     if history is None:
-        padded = F.pad(uc, (Lk - 1, 0))
+        past = uc.new_zeros(R, H, T)
     else:
-        if history.shape[:-1] != u.shape[:-1] or history.shape[-1] < Lk - 1:
-            raise ValueError(
-                f"history must be {(*u.shape[:-1], Lk - 1)} or longer in time, got {tuple(history.shape)}"
-            )
-        past = history[..., history.shape[-1] - (Lk - 1) :].reshape(-1, H, Lk - 1).to(cdt)
-        padded = torch.cat([past, uc], dim=-1)
-    # conv1d is a cross-correlation, so the filter is flipped to make it a convolution.
-    y = F.conv1d(padded, k.to(cdt).flip(-1)[:, None, :], groups=H)
+        if history.shape[:-1] != u.shape[:-1]:
+            raise ValueError(f"history must be {(*u.shape[:-1], 'W')}, got {tuple(history.shape)}")
+        past = history[..., max(0, history.shape[-1] - T) :].reshape(R, H, -1).to(cdt)
+        past = F.pad(past, (T - past.shape[-1], 0))
+    # Chunk c of the output needs input chunks c - 1 (prev) and c (cur): two views of one padded tensor.
+    x = torch.cat([past, F.pad(uc, (0, nb * T - L))], dim=-1).transpose(0, 1)  # (H, R, (nb + 1) T)
+    prev = x[..., : nb * T].reshape(H, R * nb, T)
+    cur = x[..., T:].reshape(H, R * nb, T)
+    w_prev, w_cur = _short_filter_blocks(k.to(cdt), T)
+    y = contiguous_grad(torch.baddbmm(torch.bmm(cur, w_cur), prev, w_prev))
+    y = y.reshape(H, R, nb * T)[..., :L].transpose(0, 1)
     if D is not None:
         y = y + D.to(cdt)[:, None] * uc
     return y.reshape(*lead, H, L).to(u.dtype)

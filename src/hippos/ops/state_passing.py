@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import compute_dtype
+from .conv import compute_dtype, contiguous_grad
+from .diagonal import cmul, vandermonde
 
 __all__ = ["chunk_operators", "diag_final_state", "diag_ssm_chunked", "diag_state_outputs"]
 
@@ -30,30 +31,40 @@ __all__ = ["chunk_operators", "diag_final_state", "diag_ssm_chunked", "diag_stat
 class ChunkOperators:
     """Per-channel matrices of one chunk of T steps (M complex modes as 2M interleaved re/im reals)."""
 
-    toeplitz: Tensor  # (H, T, T): toeplitz[j, i] = K[j - i] for i <= j, else 0
+    toeplitz_t: Tensor  # (H, T, T): the transposed Toeplitz matrix, [i, j] = K[j - i] for i <= j, else 0
     w_in: Tensor  # (H, T, 2M): input i -> re/im of dB dA^(T-1-i), its share of the state leaving the chunk
     w_out: Tensor  # (H, 2M, T): re/im of entering state -> output j, 2 Re(C dA^(j+1) h)
     dA_T: Tensor  # (H, M) complex: dA^T, how the state decays over one chunk
 
     @property
     def T(self) -> int:
-        return self.toeplitz.shape[-1]
+        return self.toeplitz_t.shape[-1]
 
 
 def chunk_operators(dA: Tensor, dB: Tensor, C: Tensor, T: int) -> ChunkOperators:
     """Build the chunk matrices from discrete (dA, dB, C), each (H, M) complex."""
     H, M = dA.shape
-    exps = torch.arange(T + 1, device=dA.device, dtype=dA.real.dtype)
-    powers = torch.exp(torch.log(dA)[..., None] * exps)  # (H, M, T + 1): dA^0 .. dA^T
-    kernel = 2 * ((C * dB)[..., None] * powers[..., :T]).sum(1).real  # (H, T)
-    lag = torch.arange(T, device=dA.device)
-    lag = lag[:, None] - lag[None, :]
-    toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)
-    into_state = (dB[..., None] * powers[..., :T].flip(-1)).transpose(1, 2)  # (H, T, M)
-    w_in = torch.view_as_real(into_state).reshape(H, T, 2 * M)
-    from_state = C[..., None] * powers[..., 1:]  # (H, M, T)
-    w_out = torch.stack([2 * from_state.real, -2 * from_state.imag], dim=2).reshape(H, 2 * M, T)
-    return ChunkOperators(toeplitz, w_in, w_out, powers[..., T])
+    pr, pi = vandermonde(torch.log(dA), torch.arange(T + 1, device=dA.device, dtype=dA.real.dtype))
+    w = C * dB
+    kernel = 2 * (w.real[..., None] * pr[..., :T] - w.imag[..., None] * pi[..., :T]).sum(1)  # (H, T)
+    # Stored transposed and contiguous: chunks are rows, so y = x @ toeplitz^T, and a transposed view here
+    # sends bmm's backward into a slow per-matrix path (measured).
+    # With kp = [0] * (T - 1) + K, windows[p, q] = kp[p + q], and [i, j] = kp[T - 1 + j - i] = windows[T-1-i, j].
+    # (unfold's backward is a dedicated kernel; advanced indexing's is a slow scatter.)
+    windows = F.pad(kernel, (T - 1, 0)).unfold(-1, T, 1)
+    toeplitz_t = windows.flip(1)
+    # Input i reaches the state leaving the chunk through dB dA^(T-1-i).
+    in_re, in_im = cmul(dB.real[..., None], dB.imag[..., None], pr[..., :T].flip(-1), pi[..., :T].flip(-1))
+    w_in = torch.stack([in_re, in_im], dim=-1).transpose(1, 2).reshape(H, T, 2 * M)
+    # The entering state reaches output j through C dA^(j+1); y = 2 Re(.) = 2 (re * h.re - im * h.im).
+    out_re, out_im = cmul(C.real[..., None], C.imag[..., None], pr[..., 1:], pi[..., 1:])
+    w_out = torch.stack([2 * out_re, -2 * out_im], dim=2).reshape(H, 2 * M, T)
+    return ChunkOperators(toeplitz_t, w_in, w_out, torch.complex(pr[..., T], pi[..., T]))
+
+
+def _powers(dA: Tensor, exponents: Tensor) -> Tensor:
+    """dA^e for each exponent as a complex (H, E, M) tensor."""
+    return torch.complex(*vandermonde(torch.log(dA), exponents)).transpose(1, 2)
 
 
 def _prepare(u: Tensor, dA: Tensor, state: Tensor | None):
@@ -108,12 +119,14 @@ def diag_ssm_chunked(
     nb = x.shape[1] // R
     s = torch.view_as_complex(torch.bmm(x, ops.w_in).reshape(H, R, nb, -1, 2))  # (H, R, nb, M)
     # The scan is sequential over chunks but each step is a small elementwise op on (H, R, M).
+    # unbind once: indexing s[:, :, c] in the loop would make every step's backward write a full-size zero
+    # tensor, O(nb^2) work.
     entering = []
-    for c in range(nb):
+    for s_c in s.unbind(2):
         entering.append(h)
-        h = torch.addcmul(s[:, :, c], ops.dA_T[:, None], h)
+        h = torch.addcmul(s_c, ops.dA_T[:, None], h)
     hs = torch.stack(entering, dim=2)  # (H, R, nb, M): the state entering each chunk
-    y = torch.baddbmm(torch.bmm(x, ops.toeplitz.transpose(1, 2)), _state_to_real(hs), ops.w_out)
+    y = contiguous_grad(torch.baddbmm(torch.bmm(x, ops.toeplitz_t), _state_to_real(hs), ops.w_out))
     y = y.reshape(H, R, nb * T)[..., :L].transpose(0, 1)
     r = L - (nb - 1) * T
     if r < T:
@@ -126,9 +139,7 @@ def diag_ssm_chunked(
     return y.reshape(*lead, H, L).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
 
 
-def diag_state_outputs(
-    state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int = 64
-) -> Tensor:
+def diag_state_outputs(state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int = 64) -> Tensor:
     """Outputs caused by an initial state alone, y_t = 2 Re(sum_m C_m dA_m^(t+1) h_m); -> (..., H, L)."""
     *lead, H, M = state.shape
     ctype = torch.complex128 if compute_dtype(dtype) == torch.float64 else torch.complex64
@@ -137,15 +148,12 @@ def diag_state_outputs(
     nb = -(-L // T)
     ops = chunk_operators(dA, torch.zeros_like(dA), C, T)
     h = state.reshape(-1, H, M).to(ctype).transpose(0, 1)  # (H, R, M)
-    starts = torch.arange(nb, device=dA.device, dtype=dA.real.dtype) * T
-    decay = torch.exp(torch.log(dA)[:, None, :] * starts[:, None])  # (H, nb, M): dA^(b T)
+    decay = _powers(dA, torch.arange(nb, device=dA.device, dtype=dA.real.dtype) * T)  # (H, nb, M): dA^(b T)
     y = torch.bmm(_state_to_real(h[:, :, None] * decay[:, None]), ops.w_out)
     return y.reshape(H, -1, nb * T)[..., :L].transpose(0, 1).reshape(*lead, H, L).to(dtype)
 
 
-def diag_final_state(
-    u: Tensor, dA: Tensor, dB: Tensor, state: Tensor | None = None, chunk: int = 64
-) -> Tensor:
+def diag_final_state(u: Tensor, dA: Tensor, dB: Tensor, state: Tensor | None = None, chunk: int = 64) -> Tensor:
     """State after the sequence u (..., H, L) from `state` (zeros when None); -> (..., H, M) complex.
 
     h_L = dA^L h_0 + sum_i dA^(L-1-i) dB u_i, summed chunk by chunk: zeros in front of u add nothing.
@@ -159,6 +167,6 @@ def diag_final_state(
     nb = x.shape[1] // R
     s = torch.view_as_complex(torch.bmm(x, ops.w_in).reshape(H, R, nb, -1, 2))
     ages = torch.arange(nb - 1, -1, -1, device=u.device, dtype=dA.real.dtype) * T
-    decay = torch.exp(torch.log(dA)[:, None, :] * ages[:, None])  # (H, nb, M): dA^(T (nb-1-c))
+    decay = _powers(dA, ages)  # (H, nb, M): dA^(T (nb-1-c))
     h = torch.exp(torch.log(dA) * L)[:, None] * h0 + (s * decay[:, None]).sum(2)
     return h.transpose(0, 1).reshape(*lead, H, -1)

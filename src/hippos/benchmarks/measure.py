@@ -1,0 +1,122 @@
+"""Measuring tools shared by the benchmarks: wall time, peak memory, the machine's matmul rate.
+
+Peak memory on the CPU is the rise of the process's resident set (Linux VmHWM, reset through
+/proc/self/clear_refs) while the measured call runs. Because an allocator keeps freed memory, every
+measurement that reports memory runs in a fresh process (`run_isolated`), so nothing earlier hides it.
+On CUDA the allocator's own peak counter is used.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels on an accelerator so that wall time covers them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int, device="cpu", warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _read_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Context manager: `.mib` is the peak extra memory (MiB) used inside the block, or None if unknown."""
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = _read_status_kib("VmRSS")
+        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self._base = None
+        return self
+
+    def read(self) -> float | None:
+        """Peak extra memory (MiB) since the block was entered, readable while it is still open."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        peak = _read_status_kib("VmHWM")
+        if self._base is None or peak is None:
+            return None
+        return max(0, peak - self._base) / 1024
+
+    def __exit__(self, *exc) -> None:
+        self.mib = self.read()
+
+
+def run_isolated(fn: Callable, *args, **kwargs):
+    """Run fn(*args, **kwargs) in a fresh Python process and return its result (fn must be importable)."""
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def matmul_gflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matmul rate (GFLOP/s) of this machine: the floor of every FLOP count."""
+    a = torch.randn(size, size, device=device)
+    seconds = median_time(lambda: a @ a, repeats, device)
+    return 2 * size**3 / seconds / 1e9
+
+
+def machine_info(device="cpu") -> dict:
+    """What the figures were measured on."""
+    info = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

@@ -1,0 +1,86 @@
+"""Typed dataclass configurations: field comments become help text, overrides are checked against types.
+
+A config is a dataclass whose fields each carry a trailing `# comment`. `add_arguments` turns the fields into
+`--field value` options (help = the comment), `from_overrides` builds the dataclass from parsed values,
+refusing a value that does not fit the field's type before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import tokenize
+import typing
+from functools import cache
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its trailing comment} read from the dataclass's source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    docs, pending = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and pending is None and tok.start[1] == 4:
+            pending = tok.string  # a name at class-body indentation starts a field line
+        elif tok.type == tokenize.COMMENT and pending is not None:
+            docs[pending] = tok.string.lstrip("# ").strip()
+        if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            pending = None
+    return docs
+
+
+def parse_value(text: str, annotation, name: str):
+    """Convert command-line text to a field's type: int, float, str, bool or tuple[x, ...]."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        inner = typing.get_args(annotation)[0]
+        return tuple(parse_value(part, inner, name) for part in text.split(",") if part.strip())
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"--{name} takes true or false, got {text!r}")
+        return lowered in ("1", "true", "yes")
+    if annotation in (int, float, str):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes {annotation.__name__}, got {text!r}") from None
+    raise TypeError(f"field {name} has a type ({annotation}) that has no command-line form")
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if hints[f.name] is not dict]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--field-name VALUE` option per dataclass field (default: the field's default)."""
+    docs = field_docs(cls)
+    for f, annotation in _fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=typing.get_origin(annotation) and "A,B,..." or annotation.__name__.upper(),
+            help=f"{docs.get(f.name, '')} (default: {shown})",
+        )
+
+
+def from_overrides(cls: type, namespace: argparse.Namespace | dict, base=None):
+    """Build cls from `base` (or its defaults) with every option the user gave, type-checked."""
+    values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
+    changes = {}
+    for f, annotation in _fields(cls):
+        text = values.get(f.name)
+        if text is not None:
+            changes[f.name] = parse_value(str(text), annotation, f.name)
+    return dataclasses.replace(base if base is not None else cls(), **changes)
