@@ -25,6 +25,18 @@ from .diagonal_ssm import DiagonalSSM
 from .shift_ssm import ShiftSSM
 
 
+def channel_first_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+    """linear(x) laid out channel-first: x (B, L, D_in) -> contiguous (B, D_out, L), as W x^T + b.
+
+    BLAS reads x^T without a copy; elementwise products on a transposed view of linear(x) instead were
+    measured several times slower than on contiguous tensors, in the forward pass and the backward pass.
+    """
+    weight = linear.weight.expand(x.shape[0], -1, -1)
+    if linear.bias is None:
+        return torch.bmm(weight, x.mT)
+    return torch.baddbmm(linear.bias[None, :, None], weight, x.mT)
+
+
 @dataclass
 class H3State:
     """Recurrent state of an H3 layer: fixed size, whatever the length of the sequence behind it."""
@@ -95,11 +107,10 @@ class H3(nn.Module):
     ) -> tuple[Tensor, H3State | None]:
         """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None)."""
         check_sequence(x, self.d_model)
-        # (B, L, D) -> channel-first (B, D, L) views; the SSM ops make them contiguous once.
-        q, k, v = (proj(x).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (channel_first_linear(proj, x) for proj in (self.q_proj, self.k_proj, self.v_proj))
         k, shift_state = self.shift(k, state.shift if state else None, return_state, skip=self.ssm_k_D)
         y, diag_state = self._diag_mix(q, k, v, state.diag if state else None, return_state)
-        out = self.output_linear(y.transpose(1, 2))
+        out = torch.matmul(y.mT, self.output_linear.weight.T) + self.output_linear.bias
         return out, (H3State(shift_state, diag_state) if return_state else None)
 
     def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:

@@ -164,6 +164,14 @@ def fft_conv(u: Tensor, k: Tensor, D: Tensor | None = None) -> Tensor:
     return y.reshape(*lead, H, L).to(u.dtype)
 
 
+def _finish(y: Tensor, uc: Tensor, D: Tensor | None, lead: list[int]) -> Tensor:
+    """Chunked (H, R * nb, T) output -> contiguous (*lead, H, L), with the skip term D u added."""
+    R, H, L = uc.shape
+    y = y.reshape(H, R, -1)[..., :L].transpose(0, 1)
+    y = y.contiguous() if D is None else torch.addcmul(y, D.to(y.dtype)[:, None], uc)
+    return y.reshape(*lead, H, L)
+
+
 def _short_filter_blocks(k: Tensor, T: int) -> tuple[Tensor, Tensor]:
     """(W_prev, W_cur), each (H, T, T): y_chunk = x_prev @ W_prev + x_cur @ W_cur for a filter of <= T taps.
 
@@ -191,23 +199,20 @@ def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | 
     cdt = compute_dtype(u.dtype)
     uc = u.reshape(-1, H, L).to(cdt)
     R, nb = uc.shape[0], -(-L // T)
-    if history is None:
-        past = uc.new_zeros(R, H, T)
-    else:
-        if history.shape[:-1] != u.shape[:-1]:
-            raise ValueError(f"history must be {(*u.shape[:-1], 'W')}, got {tuple(history.shape)}")
-        past = history[..., max(0, history.shape[-1] - T) :].reshape(R, H, -1).to(cdt)
-        past = F.pad(past, (T - past.shape[-1], 0))
-    # Chunk c of the output needs input chunks c - 1 (prev) and c (cur): two views of one padded tensor.
-    x = torch.cat([past, F.pad(uc, (0, nb * T - L))], dim=-1).transpose(0, 1)  # (H, R, (nb + 1) T)
+    if history is not None and history.shape[:-1] != u.shape[:-1]:
+        raise ValueError(f"history must be {(*u.shape[:-1], 'W')}, got {tuple(history.shape)}")
+    # Chunk c of the output needs input chunks c - 1 (prev) and c (cur): two views of one padded tensor,
+    # laid out (H, R, T + nb T) so that the channel is the batch of the matmuls. Missing history is zero.
+    x = uc.new_zeros(H, R, (nb + 1) * T)
+    x[:, :, T : T + L] = uc.transpose(0, 1)
+    if history is not None:
+        past = history[..., max(0, history.shape[-1] - T) :].reshape(R, H, -1)
+        x[:, :, T - past.shape[-1] : T] = past.transpose(0, 1)
     prev = x[..., : nb * T].reshape(H, R * nb, T)
     cur = x[..., T:].reshape(H, R * nb, T)
     w_prev, w_cur = _short_filter_blocks(k.to(cdt), T)
     y = contiguous_grad(torch.baddbmm(torch.bmm(cur, w_cur), prev, w_prev))
-    y = y.reshape(H, R, nb * T)[..., :L].transpose(0, 1)
-    if D is not None:
-        y = y + D.to(cdt)[:, None] * uc
-    return y.reshape(*lead, H, L).to(u.dtype)
+    return _finish(y, uc, D, lead).to(u.dtype)
 
 
 def short_conv_step(u_t: Tensor, window: Tensor, k: Tensor, D: Tensor | None = None) -> tuple[Tensor, Tensor]:

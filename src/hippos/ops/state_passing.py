@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import compute_dtype, contiguous_grad
+from .conv import _finish, compute_dtype, contiguous_grad
 from .diagonal import cmul, vandermonde
 
 __all__ = ["chunk_operators", "diag_final_state", "diag_ssm_chunked", "diag_state_outputs"]
@@ -127,16 +127,13 @@ def diag_ssm_chunked(
         h = torch.addcmul(s_c, ops.dA_T[:, None], h)
     hs = torch.stack(entering, dim=2)  # (H, R, nb, M): the state entering each chunk
     y = contiguous_grad(torch.baddbmm(torch.bmm(x, ops.toeplitz_t), _state_to_real(hs), ops.w_out))
-    y = y.reshape(H, R, nb * T)[..., :L].transpose(0, 1)
     r = L - (nb - 1) * T
     if r < T:
         # The last chunk was zero-padded at the back: advance its entering state over its r real inputs only.
         last = x.reshape(H, R, nb, T)[:, :, -1, :r]
         s_r = torch.view_as_complex(torch.bmm(last, ops.w_in[:, T - r :]).reshape(H, R, -1, 2))
         h = torch.exp(torch.log(dA) * r)[:, None] * hs[:, :, -1] + s_r
-    if D is not None:
-        y = y + D.to(y.dtype)[:, None] * uc
-    return y.reshape(*lead, H, L).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
+    return _finish(y, uc, D, lead).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
 
 
 def diag_state_outputs(state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int = 64) -> Tensor:
