@@ -160,11 +160,11 @@ def fft_conv(u: Tensor, k: Tensor, D: Tensor | None = None) -> Tensor:
     uc = u.reshape(-1, H, L).to(cdt)
     y = _FFTConv.apply(uc.contiguous(), k.contiguous(), n)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * uc
+        y = torch.addcmul(y, D.to(cdt)[:, None], uc)
     return y.reshape(*lead, H, L).to(u.dtype)
 
 
-def _finish(y: Tensor, uc: Tensor, D: Tensor | None, lead: list[int]) -> Tensor:
+def from_chunks(y: Tensor, uc: Tensor, D: Tensor | None, lead: list[int]) -> Tensor:
     """Chunked (H, R * nb, T) output -> contiguous (*lead, H, L), with the skip term D u added."""
     R, H, L = uc.shape
     y = y.reshape(H, R, -1)[..., :L].transpose(0, 1)
@@ -212,7 +212,7 @@ def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | 
     cur = x[..., T:].reshape(H, R * nb, T)
     w_prev, w_cur = _short_filter_blocks(k.to(cdt), T)
     y = contiguous_grad(torch.baddbmm(torch.bmm(cur, w_cur), prev, w_prev))
-    return _finish(y, uc, D, lead).to(u.dtype)
+    return from_chunks(y, uc, D, lead).to(u.dtype)
 
 
 def short_conv_step(u_t: Tensor, window: Tensor, k: Tensor, D: Tensor | None = None) -> tuple[Tensor, Tensor]:

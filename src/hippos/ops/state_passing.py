@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import _finish, compute_dtype, contiguous_grad
+from .conv import compute_dtype, contiguous_grad, from_chunks
 from .diagonal import cmul, vandermonde
 
 __all__ = ["chunk_operators", "diag_final_state", "diag_ssm_chunked", "diag_state_outputs"]
@@ -133,7 +133,7 @@ def diag_ssm_chunked(
         last = x.reshape(H, R, nb, T)[:, :, -1, :r]
         s_r = torch.view_as_complex(torch.bmm(last, ops.w_in[:, T - r :]).reshape(H, R, -1, 2))
         h = torch.exp(torch.log(dA) * r)[:, None] * hs[:, :, -1] + s_r
-    return _finish(y, uc, D, lead).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
+    return from_chunks(y, uc, D, lead).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
 
 
 def diag_state_outputs(state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int = 64) -> Tensor:
