@@ -1,11 +1,12 @@
 """hippos: H3 (Hungry Hungry Hippos) state space language models in PyTorch.
 
-Public API: `hippos.layers` (H3, S4D, attention and the two SSMs) and `hippos.ops` (the tensor functions
-beneath them). Importing hippos never imports an optional dependency.
+Public API: `hippos.H3LM` and `hippos.H3Config` (language models), `hippos.layers` (H3, S4D, attention and
+the two SSMs) and `hippos.ops` (the tensor functions beneath them). Importing hippos never imports an optional dependency.
 """
 
-from . import layers, ops
+from . import layers, models, ops
 from .layers import H3, S4D
+from .models import H3LM, H3Config
 
 __version__ = "0.1.0"
-__all__ = ["H3", "S4D", "layers", "ops", "__version__"]
+__all__ = ["H3", "H3LM", "H3Config", "S4D", "layers", "models", "ops", "__version__"]

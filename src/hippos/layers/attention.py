@@ -30,12 +30,15 @@ class KVCache:
     length: int = 0
     # How far the shared buffers have been written by any cache that uses them: a list, shared on purpose.
     written: list = field(default_factory=lambda: [0])
+    # Left-padding tokens at the start of each sequence (B,) long, or None: keys there are never attended
+    # to, and rotary positions count from the first real token.
+    pad: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor) -> KVCache:
         """A cache holding these new keys and values (B, n_head, L, head_dim) after the old ones."""
         need = self.length + k.shape[2]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self.k.requires_grad):
-            return KVCache(torch.cat([self.keys(), k], 2), torch.cat([self.values(), v], 2), need, [need])
+            return KVCache(torch.cat([self.keys(), k], 2), torch.cat([self.values(), v], 2), need, [need], self.pad)
         buf_k, buf_v, written = self.k, self.v, self.written
         capacity = buf_k.shape[2]
         if need > capacity or written[0] > self.length:
@@ -45,7 +48,7 @@ class KVCache:
         buf_k[:, :, self.length : need] = k
         buf_v[:, :, self.length : need] = v
         written[0] = need
-        return KVCache(buf_k, buf_v, need, written)
+        return KVCache(buf_k, buf_v, need, written, self.pad)
 
     def keys(self) -> Tensor:
         """Filled keys (B, n_head, length, head_dim)."""
@@ -67,15 +70,25 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, offset: int) -> Tensor:
-        """Rotate x (B, n_head, L, head_dim) for absolute positions offset .. offset + L - 1."""
-        L = x.shape[2]
-        pos = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq[None, :]  # (L, dim / 2)
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate x (B, n_head, L, head_dim) for positions (L,) or per sequence (B, L)."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., L, dim / 2)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # per sequence: broadcast over heads
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = self.dim // 2
         x1, x2, rest = x[..., :half], x[..., half : self.dim], x[..., self.dim :]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def left_padding(mask: Tensor) -> Tensor:
+    """Number of leading padding tokens per sequence (B,) from a (B, L) mask; refuses other padding."""
+    mask = mask.bool()
+    pad = (~mask).sum(1)
+    expected = torch.arange(mask.shape[1], device=mask.device)[None] >= pad[:, None]
+    if not torch.equal(mask, expected):
+        raise ValueError("attention_mask must be left padding (zeros, then ones) for every sequence")
+    return pad
 
 
 class MultiHeadAttention(nn.Module):
@@ -97,40 +110,64 @@ class MultiHeadAttention(nn.Module):
         """Empty KV cache with room for `capacity` tokens (it grows when needed)."""
         dtype = dtype or self.Wqkv.weight.dtype
         shape = (batch_size, self.n_head, capacity, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        zeros = torch.zeros(shape, device=device, dtype=dtype)
+        return KVCache(zeros, torch.zeros_like(zeros))
 
-    def _heads(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L, D) -> q, k, v each (B, n_head, L, head_dim), rotary applied."""
+    def _heads(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v each (B, n_head, L, head_dim), rotary applied at `positions`."""
         B, L, _ = x.shape
         q, k, v = self.Wqkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary_emb is not None:
-            q, k = self.rotary_emb(q, offset), self.rotary_emb(k, offset)
+            q, k = self.rotary_emb(q, positions), self.rotary_emb(k, positions)
         return q, k, v
 
     def forward(
-        self, x: Tensor, state: KVCache | None = None, return_state: bool = False
+        self, x: Tensor, state: KVCache | None = None, return_state: bool = False, mask: Tensor | None = None
     ) -> tuple[Tensor, KVCache | None]:
-        """Whole sequence in parallel after the cached tokens; x (B, L, D) -> (out (B, L, D), cache or None)."""
+        """Whole sequence after the cached tokens; x (B, L, D) -> (out (B, L, D), cache or None).
+
+        mask (B, L), 1 for real tokens and 0 for left padding, only where the sequence starts (no cache yet).
+        """
         check_sequence(x, self.d_model)
         B, L, D = x.shape
         past = state.length if state is not None else 0
-        q, k, v = self._heads(x, past)
-        if past:
-            state = state.append(k, v)
-            # Query i sits at absolute position past + i and may see keys 0 .. past + i.
-            mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, state.keys(), state.values(), attn_mask=mask)
+        pad = state.pad if state is not None else None
+        if mask is not None:
+            if past:
+                raise ValueError("attention_mask applies to the start of a sequence; a cache already holds tokens")
+            pad = left_padding(mask)
+        steps = torch.arange(past, past + L, device=x.device)
+        positions = steps if pad is None else steps[None] - pad[:, None]
+        q, k, v = self._heads(x, positions)
+        if past or return_state:
+            state = (state or self.init_state(B, x.device, k.dtype, capacity=L)).append(k, v)
+            state.pad = pad
+            keys, values = state.keys(), state.values()
         else:
+            keys, values = k, v
+        if pad is None and not past:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            if return_state:
-                state = (state or self.init_state(B, x.device, k.dtype, capacity=L)).append(k, v)
+        else:
+            # Query i sits at absolute position past + i and sees keys 0 .. past + i, minus padding (a padded
+            # query still sees itself, so that no row is empty).
+            key_pos = torch.arange(past + L, device=x.device)
+            allowed = key_pos[None, :] <= steps[:, None]
+            if pad is not None:
+                allowed = (allowed & (key_pos >= pad[:, None, None])) | (key_pos == steps[:, None])
+                allowed = allowed[:, None]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
         return out, (state if return_state else None)
 
     def step(self, x_t: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         """One token; x_t (B, D) -> (out (B, D), cache with the token appended)."""
         check_token(x_t, self.d_model)
-        q, k, v = self._heads(x_t[:, None], state.length)
+        step = torch.tensor([state.length], device=x_t.device)
+        positions = step if state.pad is None else step[None] - state.pad[:, None]
+        q, k, v = self._heads(x_t[:, None], positions)
         state = state.append(k, v)
-        out = F.scaled_dot_product_attention(q, state.keys(), state.values())
+        mask = None
+        if state.pad is not None:
+            mask = (torch.arange(state.length, device=x_t.device) >= state.pad[:, None])[:, None, None]
+        out = F.scaled_dot_product_attention(q, state.keys(), state.values(), attn_mask=mask)
         return self.out_proj(out.reshape(x_t.shape[0], self.d_model)), state

@@ -103,12 +103,21 @@ class H3(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, state: H3State | None = None, return_state: bool = False
+        self, x: Tensor, state: H3State | None = None, return_state: bool = False, mask: Tensor | None = None
     ) -> tuple[Tensor, H3State | None]:
-        """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None)."""
+        """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None).
+
+        mask (B, L), 1 for real tokens and 0 for padding: padded positions feed nothing into either SSM, so
+        with left padding the states and outputs of the real tokens are those of the unpadded sequence.
+        """
         check_sequence(x, self.d_model)
         q, k, v = (channel_first_linear(proj, x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        keep = None if mask is None else mask[:, None, :].to(k.dtype)
+        if keep is not None:
+            k = k * keep
         k, shift_state = self.shift(k, state.shift if state else None, return_state, skip=self.ssm_k_D)
+        if keep is not None:
+            k = k * keep  # so that kv = k' v is zero too: the diagonal SSM's input
         y, diag_state = self._diag_mix(q, k, v, state.diag if state else None, return_state)
         out = torch.matmul(y.mT, self.output_linear.weight.T) + self.output_linear.bias
         return out, (H3State(shift_state, diag_state) if return_state else None)

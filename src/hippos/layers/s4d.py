@@ -39,11 +39,17 @@ class S4D(nn.Module):
         return self.diag.init_state(batch_size, device, dtype)
 
     def forward(
-        self, x: Tensor, state: Tensor | None = None, return_state: bool = False
+        self, x: Tensor, state: Tensor | None = None, return_state: bool = False, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None)."""
+        """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None).
+
+        mask (B, L), 1 for real tokens and 0 for padding: padded positions feed nothing into the SSM.
+        """
         check_sequence(x, self.d_model)
-        y, new_state = self.diag(x.transpose(1, 2), state, return_state, skip=self.D)
+        u = x.transpose(1, 2)
+        if mask is not None:
+            u = u * mask[:, None, :].to(u.dtype)
+        y, new_state = self.diag(u, state, return_state, skip=self.D)
         return self.output_linear(F.gelu(y.transpose(1, 2))), new_state
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,117 @@
+"""H3Config: one typed description for pure H3, hybrid H3-attention, Transformer and S4D language models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+MIXERS = ("h3", "attention", "s4d")
+
+
+@dataclass
+class H3Config:
+    """Shape and options of an H3 language model (REFERENCE section 2)."""
+
+    d_model: int = 768  # width of the residual stream
+    n_layer: int = 12  # number of blocks
+    vocab_size: int = 50257  # real vocabulary size (GPT-2's by default)
+    pad_vocab_size_multiple: int = 8  # the embedding is padded up to a multiple of this
+    attn_layer_idx: tuple[int, ...] = ()  # blocks whose mixer is attention
+    ssm_mixer: str = "h3"  # mixer of every other block: "h3" or "s4d"
+    n_head: int = 12  # attention heads
+    rotary_dim: int = 0  # rotary embedding on the first rotary_dim features of each head (0: none)
+    d_inner: int = 0  # MLP hidden width (0: 4 * d_model)
+    d_state: int = 64  # SSM state size N (the diagonal SSM has N / 2 complex modes)
+    head_dim: int = 1  # H3 head dimension (1 in every published model)
+    ssm_init: str = "lin"  # diagonal SSM initialisation: "lin" (S4D-Lin) or "inv" (S4D-Inv)
+    discretization: str = "bilinear"  # diagonal SSM discretisation: "bilinear" or "zoh"
+    dt_min: float = 1e-3  # smallest initial SSM step size
+    dt_max: float = 1e-1  # largest initial SSM step size
+    ssm_mode: str = "auto"  # how SSMs run a sequence: "auto", "fft" or "chunked"
+    embed_dropout: float = 0.0  # dropout on the embeddings
+    resid_dropout: float = 0.0  # dropout on each mixer and MLP output before the residual add
+    layer_norm_eps: float = 1e-5  # LayerNorm epsilon
+    initializer_range: float = 0.02  # std of Linear and Embedding weights at initialisation
+
+    def __post_init__(self) -> None:
+        self.attn_layer_idx = tuple(int(i) for i in self.attn_layer_idx)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        if self.d_model < 1 or self.n_layer < 1 or self.vocab_size < 1:
+            raise ValueError("d_model, n_layer and vocab_size must be positive")
+        if self.ssm_mixer not in ("h3", "s4d"):
+            raise ValueError(f"ssm_mixer must be 'h3' or 's4d', got {self.ssm_mixer!r}")
+        bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"attn_layer_idx {bad} outside 0 .. {self.n_layer - 1}")
+        if self.attn_layer_idx and self.d_model % self.n_head:
+            raise ValueError(f"n_head {self.n_head} must divide d_model {self.d_model}")
+        if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_head):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and at most the head size")
+        if self.d_model % self.head_dim:
+            raise ValueError(f"head_dim {self.head_dim} must divide d_model {self.d_model}")
+        if self.pad_vocab_size_multiple < 1:
+            raise ValueError("pad_vocab_size_multiple must be >= 1")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to pad_vocab_size_multiple (GPT-2's 50257 -> 50264)."""
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width."""
+        return self.d_inner or 4 * self.d_model
+
+    def mixer(self, layer: int) -> str:
+        """Which mixer block `layer` uses: "h3", "attention" or "s4d"."""
+        return "attention" if layer in self.attn_layer_idx else self.ssm_mixer
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["attn_layer_idx"] = list(self.attn_layer_idx)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> H3Config:
+        """Build from a dict, refusing unknown keys (a typo must not silently become a default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"model_type", "architectures"})
+        if unknown:
+            raise ValueError(f"unknown H3Config keys {unknown}; known keys: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str) -> None:
+        """Write as config.json-style JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> H3Config:
+        """Read a JSON file written by `save`."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> H3Config:
+        """A named configuration (see PRESETS), with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    # The published models (REFERENCE section 2). Pure H3 / Transformer variants: change attn_layer_idx.
+    "H3-125M": H3Config(d_model=768, n_layer=12, n_head=12, attn_layer_idx=(6,)),
+    "H3-355M": H3Config(d_model=1024, n_layer=24, n_head=16, attn_layer_idx=(8, 16)),
+    "H3-1.3B": H3Config(d_model=2048, n_layer=24, n_head=16, attn_layer_idx=(8, 16)),
+    "H3-2.7B": H3Config(d_model=2560, n_layer=32, n_head=20, attn_layer_idx=(8, 16, 24)),
+    "H3-2.7B-rotary": H3Config(d_model=2560, n_layer=32, n_head=20, attn_layer_idx=(10, 21), rotary_dim=64),
+    # For tests and quick CPU runs.
+    "tiny": H3Config(d_model=64, n_layer=2, n_head=4, vocab_size=256, d_state=16, attn_layer_idx=(1,)),
+}

@@ -1,0 +1,198 @@
+"""H3LM: embedding, pre-norm blocks (any mixer per block), final norm, tied LM head (REFERENCE section 2).
+
+Module names follow the official checkpoints (backbone.embeddings.word_embeddings, backbone.layers.{i}.mixer,
+.norm1, .norm2, .mlp.fc1, .mlp.fc2, backbone.ln_f, lm_head), so only the H3 SSM internals need a key map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import H3, S4D, MultiHeadAttention
+from .config import H3Config
+
+
+@dataclass
+class LMOutput:
+    """What `H3LM.forward` returns."""
+
+    logits: Tensor  # (B, L, padded vocab)
+    loss: Tensor | None = None  # mean cross-entropy over labels != -100, when labels were given
+    state: list | None = None  # one state per block after the sequence, when asked for
+
+
+class MLP(nn.Module):
+    """fc1 (D -> d_inner), GELU (tanh approximation), fc2 (d_inner -> D)."""
+
+    def __init__(self, d_model: int, d_inner: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_inner)
+        self.fc2 = nn.Linear(d_inner, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """x = x + mixer(LN1(x)); x = x + MLP(LN2(x))."""
+
+    def __init__(self, config: H3Config, layer: int):
+        super().__init__()
+        c = config
+        kind = c.mixer(layer)
+        ssm = {"d_state": c.d_state, "ssm_init": c.ssm_init, "discretization": c.discretization,
+               "dt_min": c.dt_min, "dt_max": c.dt_max, "mode": c.ssm_mode}  # fmt: skip
+        if kind == "attention":
+            self.mixer = MultiHeadAttention(c.d_model, c.n_head, c.rotary_dim)
+        elif kind == "h3":
+            self.mixer = H3(c.d_model, head_dim=c.head_dim, **ssm)
+        else:
+            self.mixer = S4D(c.d_model, **ssm)
+        self.norm1 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.mlp = MLP(c.d_model, c.mlp_width)
+        self.dropout = nn.Dropout(c.resid_dropout)
+
+    def forward(self, x: Tensor, state=None, return_state: bool = False, mask: Tensor | None = None):
+        """x (B, L, D) -> (x, mixer state or None)."""
+        h, state = self.mixer(self.norm1(x), state, return_state, mask=mask)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.mlp(self.norm2(x))), state
+
+    def step(self, x_t: Tensor, state):
+        """x_t (B, D) -> (x_t, new mixer state)."""
+        h, state = self.mixer.step(self.norm1(x_t), state)
+        x_t = x_t + h
+        return x_t + self.mlp(self.norm2(x_t)), state
+
+
+class Embeddings(nn.Module):
+    """Word embedding only: H3 models have no position embedding."""
+
+    def __init__(self, config: H3Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """(B, L) ids -> (B, L, D)."""
+        return self.word_embeddings(input_ids)
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and the final LayerNorm."""
+
+    def __init__(self, config: H3Config):
+        super().__init__()
+        self.embeddings = Embeddings(config)
+        self.drop = nn.Dropout(config.embed_dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+
+class H3LM(nn.Module):
+    """An H3 language model: pure H3, hybrid, Transformer or S4D, as its config says."""
+
+    def __init__(self, config: H3Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.backbone.embeddings.word_embeddings.weight  # tied
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """REFERENCE 2: Linear and Embedding weights N(0, 0.02), biases 0; attention out_proj and MLP fc2
+        weights N(0, 0.02 / sqrt(2 n_layer)). SSM parameters keep their own initialisation."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.backbone.layers:
+            nn.init.normal_(block.mlp.fc2.weight, std=std / math.sqrt(2 * self.config.n_layer))
+            if isinstance(block.mixer, MultiHeadAttention):
+                nn.init.normal_(block.mixer.out_proj.weight, std=std / math.sqrt(2 * self.config.n_layer))
+
+    # ---- checks --------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must be in 0 .. {self.config.vocab_size - 1}, got "
+                f"{int(input_ids.min())} .. {int(input_ids.max())}"
+            )
+
+    # ---- state contract ----------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
+        """Every block's empty state."""
+        device = device or self.lm_head.weight.device
+        return [block.mixer.init_state(batch_size, device, dtype) for block in self.backbone.layers]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        state: list | None = None,
+        return_state: bool = False,
+    ) -> LMOutput:
+        """input_ids (B, L) -> LMOutput(logits (B, L, padded vocab), loss, state).
+
+        labels (B, L): next-token targets already aligned with the logits (-100 is ignored). attention_mask
+        (B, L): 1 for real tokens, 0 for padding (left padding when states are kept).
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, length >= 1), got shape {tuple(input_ids.shape)}")
+        self._check_ids(input_ids)
+        if state is not None and len(state) != self.config.n_layer:
+            raise ValueError(f"state has {len(state)} entries for {self.config.n_layer} layers")
+        x = self.backbone.drop(self.backbone.embeddings(input_ids))
+        new_state = []
+        for i, block in enumerate(self.backbone.layers):
+            x, s = block(x, state[i] if state is not None else None, return_state, mask=attention_mask)
+            new_state.append(s)
+        logits = self.lm_head(self.backbone.ln_f(x))
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss, new_state if return_state else None)
+
+    def step(self, input_ids: Tensor, state: list) -> tuple[Tensor, list]:
+        """One token per sequence; input_ids (B,) -> (logits (B, padded vocab), new state)."""
+        if input_ids.dim() != 1:
+            raise ValueError(f"step takes one token per sequence, shape (batch,), got {tuple(input_ids.shape)}")
+        self._check_ids(input_ids)
+        x = self.backbone.embeddings(input_ids)
+        new_state = []
+        for block, s in zip(self.backbone.layers, state):
+            x, s = block.step(x, s)
+            new_state.append(s)
+        return self.lm_head(self.backbone.ln_f(x)), new_state
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors into directory (atomically)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, source, device=None, dtype=None, **convert_options) -> H3LM:
+        """Load from a save_pretrained directory, an official H3 .pt file or a Hub id; eval mode."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(source, device, dtype, **convert_options)
+
+    def num_parameters(self) -> int:
+        """Parameter count with the tied head counted once."""
+        return sum(p.numel() for p in self.parameters())
