@@ -1,7 +1,8 @@
 """hippos: H3 (Hungry Hungry Hippos) state space language models in PyTorch.
 
 Public API: `hippos.H3LM` and `hippos.H3Config` (language models), `hippos.layers` (H3, S4D, attention and
-the two SSMs) and `hippos.ops` (the tensor functions beneath them). Importing hippos never imports an optional dependency.
+the two SSMs) and `hippos.ops` (the tensor functions beneath them). Importing hippos never imports an
+optional dependency.
 """
 
 from . import layers, models, ops

@@ -10,7 +10,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from .config import H3Config
