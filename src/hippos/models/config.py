@@ -7,6 +7,14 @@ import json
 from dataclasses import dataclass
 
 MIXERS = ("h3", "attention", "s4d")
+MODEL_TYPE = "h3"  # config.json's model_type, under which transformers' Auto classes know these models
+
+
+HF_CONFIG_KEYS = {
+    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions",
+    "output_hidden_states", "return_dict", "use_cache",
+}  # fmt: skip
 
 
 @dataclass
@@ -72,16 +80,17 @@ class H3Config:
         return "attention" if layer in self.attn_layer_idx else self.ssm_mixer
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (tuples become lists)."""
+        """JSON-ready dict (tuples become lists), tagged with model_type "h3" for transformers' Auto classes."""
         d = dataclasses.asdict(self)
         d["attn_layer_idx"] = list(self.attn_layer_idx)
-        return d
+        return {"model_type": MODEL_TYPE, **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> H3Config:
         """Build from a dict, refusing unknown keys (a typo must not silently become a default)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"model_type", "architectures"})
+        # Keys transformers adds when it writes a config.json are not ours to check.
+        unknown = sorted(set(d) - names - HF_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"unknown H3Config keys {unknown}; known keys: {sorted(names)}")
         return cls(**{k: v for k, v in d.items() if k in names})
