@@ -99,6 +99,13 @@ def matmul_gflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
+def memory_bandwidth(device="cpu", gib: float = 1.0, repeats: int = 5) -> float:
+    """Measured read bandwidth (GB/s): summing a tensor far larger than any cache, all threads."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    seconds = median_time(lambda: x.sum(), repeats, device)
+    return x.numel() * 4 / seconds / 1e9
+
+
 def machine_info(device="cpu") -> dict:
     """What the figures were measured on."""
     info = {

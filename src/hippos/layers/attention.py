@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_sequence, check_token
+from .decode_linear import decode_linear
 
 
 @dataclass
@@ -116,7 +117,8 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, D) -> q, k, v each (B, n_head, L, head_dim), rotary applied at `positions`."""
         B, L, _ = x.shape
-        q, k, v = self.Wqkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = decode_linear(self.Wqkv, x[:, 0]) if L == 1 else self.Wqkv(x)
+        q, k, v = qkv.view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(q, positions), self.rotary_emb(k, positions)
         return q, k, v
@@ -170,4 +172,4 @@ class MultiHeadAttention(nn.Module):
         if state.pad is not None:
             mask = (torch.arange(state.length, device=x_t.device) >= state.pad[:, None])[:, None, None]
         out = F.scaled_dot_product_attention(q, state.keys(), state.values(), attn_mask=mask)
-        return self.out_proj(out.reshape(x_t.shape[0], self.d_model)), state
+        return decode_linear(self.out_proj, out.reshape(x_t.shape[0], self.d_model)), state

@@ -19,6 +19,7 @@ from ..ops import (
     ssm_A,
 )
 from ..ops.diagonal import DISCRETIZATIONS
+from ._cache import ParamCache
 from ._checks import check_d_state, check_state
 
 INITS = ("lin", "inv")
@@ -92,17 +93,25 @@ class DiagonalSSM(nn.Module):
         self.C = nn.Parameter(torch.empty(channels, M, 2, **factory))
         for p in (self.log_dt, self.inv_A_real, self.A_imag, self.B):
             p._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
+        self._discrete_cache = ParamCache()  # decode steps reuse the discrete system
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Re-draw the parameters from the configured initialisation."""
         values = s4d_init(self.channels, self.d_state, self.init, self.dt_min, self.dt_max)
         with torch.no_grad():
-            for p, v in zip((self.log_dt, self.inv_A_real, self.A_imag, self.B, self.C), values):
+            for p, v in zip(self.parameters_list(), values):
                 p.copy_(v)
 
     def discrete(self) -> tuple[Tensor, Tensor, Tensor]:
         """(dA, dB, C), each (H, M) complex, in complex64 (complex128 for float64 parameters)."""
+        return self._discrete_cache.get(self.parameters_list(), self._discretize)
+
+    def parameters_list(self) -> list[nn.Parameter]:
+        """The parameters the discrete system depends on."""
+        return [self.log_dt, self.inv_A_real, self.A_imag, self.B, self.C]
+
+    def _discretize(self) -> tuple[Tensor, Tensor, Tensor]:
         cdt = compute_dtype(self.log_dt.dtype)
         A = ssm_A(self.inv_A_real.to(cdt), self.A_imag.to(cdt))
         B = torch.view_as_complex(self.B.to(cdt).contiguous())

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_d_state, check_sequence, check_token
+from .decode_linear import decode_linear
 from .diagonal_ssm import DiagonalSSM
 from .shift_ssm import ShiftSSM
 
@@ -125,10 +126,10 @@ class H3(nn.Module):
     def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:
         """One token; x_t (B, D) -> (out (B, D), new state)."""
         check_token(x_t, self.d_model)
-        q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)
+        q, k, v = (decode_linear(proj, x_t) for proj in (self.q_proj, self.k_proj, self.v_proj))
         k, shift_state = self.shift.step(k, state.shift, skip=self.ssm_k_D)
         y, diag_state = self._diag_mix(q[..., None], k[..., None], v[..., None], state.diag, None)
-        return self.output_linear(y[..., 0]), H3State(shift_state, diag_state)
+        return decode_linear(self.output_linear, y[..., 0]), H3State(shift_state, diag_state)
 
     # ---- the multiplicative core ------------------------------------------------------------------------
     def _diag_mix(self, q: Tensor, k: Tensor, v: Tensor, diag_state, return_state):

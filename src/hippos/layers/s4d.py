@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_sequence, check_token
+from .decode_linear import decode_linear
 from .diagonal_ssm import DiagonalSSM
 
 
@@ -56,4 +57,4 @@ class S4D(nn.Module):
         """One token; x_t (B, D) -> (out (B, D), new state)."""
         check_token(x_t, self.d_model)
         y, state = self.diag.step(x_t, state, skip=self.D)
-        return self.output_linear(F.gelu(y)), state
+        return decode_linear(self.output_linear, F.gelu(y)), state

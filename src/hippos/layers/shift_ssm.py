@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import compute_dtype, shift_kernel, short_conv, short_conv_step
+from ._cache import ParamCache
 from ._checks import check_state
 
 
@@ -27,6 +28,7 @@ class ShiftSSM(nn.Module):
         self.B = nn.Parameter(torch.zeros(channels, d_state, **factory))
         self.C = nn.Parameter(torch.empty(channels, d_state, **factory))
         self.B._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
+        self._kernel_cache = ParamCache()  # decode steps reuse the kernel
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -39,7 +41,7 @@ class ShiftSSM(nn.Module):
 
     def kernel(self) -> Tensor:
         """The convolution kernel K[h, i] = sum_n B[h, n] C[h, n + i]; (H, N)."""
-        return shift_kernel(self.B, self.C)
+        return self._kernel_cache.get((self.B, self.C), lambda: shift_kernel(self.B, self.C))
 
     def init_state(self, batch_shape, device=None, dtype=None) -> Tensor:
         """Zero state (*batch_shape, H, N) in the SSM compute dtype (float32, or float64 for float64)."""

@@ -122,5 +122,5 @@ PRESETS = {
     "H3-2.7B": H3Config(d_model=2560, n_layer=32, n_head=20, attn_layer_idx=(8, 16, 24)),
     "H3-2.7B-rotary": H3Config(d_model=2560, n_layer=32, n_head=20, attn_layer_idx=(10, 21), rotary_dim=64),
     # For tests and quick CPU runs.
-    "tiny": H3Config(d_model=64, n_layer=2, n_head=4, vocab_size=256, d_state=16, attn_layer_idx=(1,)),
+    "tiny": H3Config(d_model=64, n_layer=2, n_head=4, vocab_size=257, d_state=16, attn_layer_idx=(1,)),
 }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import H3, S4D, MultiHeadAttention
+from ..layers.decode_linear import decode_linear
 from .config import H3Config
 
 
@@ -37,6 +38,10 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D)."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    def step(self, x_t: Tensor) -> Tensor:
+        """(B, D) -> (B, D), with decode-time matrix products."""
+        return decode_linear(self.fc2, F.gelu(decode_linear(self.fc1, x_t), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -69,7 +74,7 @@ class Block(nn.Module):
         """x_t (B, D) -> (x_t, new mixer state)."""
         h, state = self.mixer.step(self.norm1(x_t), state)
         x_t = x_t + h
-        return x_t + self.mlp(self.norm2(x_t)), state
+        return x_t + self.mlp.step(self.norm2(x_t)), state
 
 
 class Embeddings(nn.Module):
@@ -178,7 +183,13 @@ class H3LM(nn.Module):
         for block, s in zip(self.backbone.layers, state):
             x, s = block.step(x, s)
             new_state.append(s)
-        return self.lm_head(self.backbone.ln_f(x)), new_state
+        return decode_linear(self.lm_head, self.backbone.ln_f(x)), new_state
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **options):
+        """Prompt (B, L) -> (B, L + new) token ids; see `hippos.generation.generate` for the options."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors into directory (atomically)."""

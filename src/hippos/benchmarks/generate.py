@@ -1,0 +1,170 @@
+"""`hippos bench generate`: prefill and decode speed of H3, hybrid and Transformer LMs against HF GPT-2.
+
+Every (model, batch, prompt) runs in a fresh process: build the model (random weights, eval mode), one
+untimed warm-up, then the timed prefill of the whole prompt (state kept) and `new_tokens` greedy decode
+steps. Peak memory is the rise of resident memory during prefill + decode.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..models import H3LM, H3Config
+from .measure import PeakMemory, machine_info, memory_bandwidth, run_isolated
+
+MODELS = ("h3", "hybrid", "transformer", "gpt2")
+LABELS = {
+    "h3": "hippos pure H3",
+    "hybrid": "hippos hybrid (published attention layers)",
+    "transformer": "hippos Transformer",
+    "gpt2": "Hugging Face GPT-2 (KV cache)",
+}
+
+
+@dataclass
+class GenerateBenchConfig:
+    """What `hippos bench generate` measures."""
+
+    preset: str = "H3-125M"  # model shape (every model gets this width and depth)
+    models: tuple[str, ...] = MODELS  # which models: h3, hybrid, transformer, gpt2
+    batches: tuple[int, ...] = (1, 16)  # batch sizes
+    prompts: tuple[int, ...] = (512, 1024, 2048)  # prompt lengths
+    new_tokens: int = 128  # tokens generated after each prompt
+    device: str = "cpu"  # torch device to run on
+    seed: int = 0  # seed of the random weights and prompts
+
+
+def quick_config() -> GenerateBenchConfig:
+    """A short form: batch 1 and 16, one prompt length, 32 new tokens."""
+    return GenerateBenchConfig(prompts=(512,), new_tokens=32)
+
+
+def hippos_config(kind: str, preset: str) -> H3Config:
+    """The config of one of our models at a preset's shape."""
+    base = H3Config.preset(preset)
+    attn = {"h3": (), "hybrid": base.attn_layer_idx, "transformer": tuple(range(base.n_layer))}[kind]
+    return H3Config.preset(preset, attn_layer_idx=attn)
+
+
+def _build(kind: str, cfg: GenerateBenchConfig):
+    torch.manual_seed(cfg.seed)
+    if kind != "gpt2":
+        return H3LM(hippos_config(kind, cfg.preset)).to(cfg.device).eval()
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise ImportError("the GPT-2 baseline needs transformers: pip install 'hungry-hippos[hf]'") from None
+    c = H3Config.preset(cfg.preset)
+    gpt = GPT2Config(
+        vocab_size=c.vocab_size, n_positions=max(cfg.prompts) + cfg.new_tokens, n_embd=c.d_model,
+        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_width, bos_token_id=c.vocab_size - 1,
+        eos_token_id=c.vocab_size - 1,
+    )  # fmt: skip
+    return GPT2LMHeadModel(gpt).to(cfg.device).eval()
+
+
+def _runner(kind: str, model):
+    """(prefill(ids) -> (last logits, cache), step(token, cache) -> (logits, cache)) for either kind."""
+    if kind == "gpt2":
+
+        def prefill(ids):
+            out = model(input_ids=ids, use_cache=True)
+            return out.logits[:, -1], out.past_key_values
+
+        def step(token, cache):
+            out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            return out.logits[:, -1], out.past_key_values
+
+        return prefill, step
+
+    def prefill(ids):
+        out = model(ids, return_state=True)
+        return out.logits[:, -1], out.state
+
+    return prefill, model.step
+
+
+def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfig) -> dict:
+    """Prefill and decode tokens/s and peak memory of one model at one (batch, prompt length)."""
+    model = _build(kind, cfg)
+    vocab = H3Config.preset(cfg.preset).vocab_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(cfg.device)
+    prefill, step = _runner(kind, model)
+
+    def decode(logits, cache, n):
+        for _ in range(n):
+            logits, cache = step(logits[:, :vocab].argmax(-1), cache)
+        return logits
+
+    with torch.inference_mode():
+        decode(*prefill(ids[:, :16]), 4)  # warm-up: first-call costs stay out of the figures
+        with PeakMemory(cfg.device) as mem:
+            start = time.perf_counter()
+            logits, cache = prefill(ids)
+            mid = time.perf_counter()
+            decode(logits, cache, cfg.new_tokens)
+            end = time.perf_counter()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "model": kind, "batch": batch, "prompt": prompt, "new_tokens": cfg.new_tokens,
+        "prefill_tokens_per_s": batch * prompt / (mid - start),
+        "decode_tokens_per_s": batch * cfg.new_tokens / (end - mid),
+        "decode_ms_per_step": (end - mid) / cfg.new_tokens * 1e3,
+        "peak_mib": mem.mib, "weight_bytes": weight_bytes,
+    }  # fmt: skip
+
+
+def run_generate_bench(cfg: GenerateBenchConfig, progress=None) -> dict:
+    """Every measurement of cfg, each in a fresh process."""
+    unknown = set(cfg.models) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    jobs = [(m, b, p) for b in cfg.batches for p in cfg.prompts for m in cfg.models]
+    rows = []
+    for i, (kind, batch, prompt) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs), f"{kind} batch {batch} prompt {prompt}")
+        try:
+            rows.append(run_isolated(measure_generate, kind, batch, prompt, cfg))
+        except Exception as err:  # a dead worker (memory) or a missing baseline: report, keep going
+            reason = "worker died (out of memory?)" if isinstance(err, BrokenProcessPool) else repr(err)
+            rows.append({"model": kind, "batch": batch, "prompt": prompt, "error": reason})
+    if progress:
+        progress(len(jobs), len(jobs), "done")
+    return {"config": asdict(cfg), "machine": machine_info(cfg.device),
+            "bandwidth_gbs": memory_bandwidth(cfg.device), "rows": rows}  # fmt: skip
+
+
+def format_table(result: dict, markdown: bool = False) -> str:
+    """Rows of tokens/s and memory, decode speed-ups against GPT-2, and the pure-H3 floor ratio."""
+    bw = result["bandwidth_gbs"]
+    ok = [r for r in result["rows"] if "error" not in r]
+    gpt = {(r["batch"], r["prompt"]): r for r in ok if r["model"] == "gpt2"}
+    head = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "peak MiB", "x GPT-2 decode",
+            "x floor"]  # fmt: skip
+    cells = [head]
+    for r in ok:
+        base = gpt.get((r["batch"], r["prompt"]))
+        floor_ms = r["weight_bytes"] / (bw * 1e9) * 1e3
+        cells.append([
+            LABELS[r["model"]], str(r["batch"]), str(r["prompt"]), f"{r['prefill_tokens_per_s']:,.0f}",
+            f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_ms_per_step']:.1f}",
+            f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-",
+            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-",
+            f"{r['decode_ms_per_step'] / floor_ms:.2f}" if r["batch"] == 1 else "-",
+        ])  # fmt: skip
+    if markdown:
+        out = ["| " + " | ".join(row) + " |" for row in cells]
+        out.insert(1, "|" + "---|" * len(head))
+    else:
+        widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+        out = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    out += [f"failed: {r['model']} batch {r['batch']} prompt {r['prompt']}: {r['error']}"
+            for r in result["rows"] if "error" in r]  # fmt: skip
+    out.append(f"x floor: decode ms/step over (weight bytes / {bw:.1f} GB/s measured read bandwidth), batch 1")
+    return "\n".join(out)

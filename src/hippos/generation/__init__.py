@@ -1,0 +1,7 @@
+"""Generation: sampling, the decode loop, streaming, and saving the recurrent state."""
+
+from .decode import Sampling, generate, stream
+from .sampling import filter_logits, sample_next
+from .state import load_state, save_state
+
+__all__ = ["Sampling", "filter_logits", "generate", "load_state", "sample_next", "save_state", "stream"]
