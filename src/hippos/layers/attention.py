@@ -67,13 +67,17 @@ class Rotary(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}")
-        self.dim = dim
-        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base = dim, base
+
+    def inv_freq(self, device, dtype=torch.float32) -> Tensor:
+        """1 / base^(2i / dim) in float32 (float64 for float64 models), never lower: a buffer would be rounded
+        by model.to(bfloat16), which at position 2000 moves the rotated features by as much as they are large."""
+        return 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=dtype) / self.dim)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate x (B, n_head, L, head_dim) for positions (L,) or per sequence (B, L)."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., L, dim / 2)
+        exact = torch.float64 if x.dtype == torch.float64 else torch.float32
+        angles = positions.to(exact)[..., None] * self.inv_freq(x.device, exact)  # (..., L, dim / 2)
         if angles.dim() == 3:
             angles = angles[:, None]  # per sequence: broadcast over heads
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)

@@ -155,7 +155,8 @@ class DiagonalSSM(nn.Module):
     def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One recurrent step; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state)."""
         check_state(state, (*u_t.shape, self.n_modes), "diagonal SSM state")
-        y, state = diag_step(u_t.to(state.real.dtype), state, *self.discrete())
+        u = u_t.to(state.real.dtype)
+        y, state = diag_step(u, state, *self.discrete())
         if skip is not None:
-            y = y + skip.to(y.dtype) * u_t.to(y.dtype)
+            y = torch.addcmul(y, skip.to(y.dtype), u)
         return y.to(u_t.dtype), state

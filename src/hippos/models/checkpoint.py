@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .config import H3Config
@@ -48,7 +49,11 @@ def save_pretrained(model: H3LM, directory: str | Path) -> Path:
 def load_state_dict_strict(model: H3LM, tensors: dict[str, Tensor], source: str) -> None:
     """Load tensors into model; every missing, unexpected or mis-shaped key is named in one error."""
     tensors = dict(tensors)
-    tensors.setdefault(TIED_KEY, tensors.get("backbone.embeddings.word_embeddings.weight"))
+    embedding = tensors.get("backbone.embeddings.word_embeddings.weight")
+    head = tensors.get(TIED_KEY)
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        raise ValueError(f"{source}: lm_head.weight differs from the embedding, but hippos models tie the two")
+    tensors[TIED_KEY] = embedding
     expected = model.state_dict()
     missing = sorted(k for k in expected if tensors.get(k) is None)
     unexpected = sorted(k for k in tensors if k not in expected)

@@ -48,8 +48,8 @@ class H3Config:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        if self.d_model < 1 or self.n_layer < 1 or self.vocab_size < 1:
-            raise ValueError("d_model, n_layer and vocab_size must be positive")
+        if min(self.d_model, self.n_layer, self.vocab_size, self.n_head, self.d_state) < 1:
+            raise ValueError("d_model, n_layer, vocab_size, n_head and d_state must be positive")
         if self.ssm_mixer not in ("h3", "s4d"):
             raise ValueError(f"ssm_mixer must be 'h3' or 's4d', got {self.ssm_mixer!r}")
         bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]

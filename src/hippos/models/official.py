@@ -126,9 +126,9 @@ def read_checkpoint(path: str | Path) -> object:
             "If you trust the file, load it yourself with torch.load(..., weights_only=False), keep only its "
             "state dict (a dict of tensors) and torch.save that."
         ) from err
-    except OSError:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except Exception as err:  # torch reports a cut-off file as RuntimeError, EOFError, KeyError, ...
+    except Exception as err:  # torch reports a cut-off file as RuntimeError, OSError, EOFError, KeyError, ...
         raise ValueError(
             f"{path} is damaged or truncated and cannot be read as a PyTorch checkpoint "
             f"({type(err).__name__}: {_first_line(err)}); download or copy it again"

@@ -222,7 +222,7 @@ def short_conv_step(u_t: Tensor, window: Tensor, k: Tensor, D: Tensor | None = N
     """
     window = torch.cat([window[..., 1:], u_t[..., None].to(window.dtype)], dim=-1)
     Lk = k.shape[-1]
-    y = (window[..., window.shape[-1] - Lk :] * k.flip(-1).to(window.dtype)).sum(-1)
+    y = torch.linalg.vecdot(window[..., window.shape[-1] - Lk :], k.flip(-1).to(window.dtype))
     if D is not None:
-        y = y + D.to(window.dtype) * u_t.to(window.dtype)
+        y = torch.addcmul(y, D.to(y.dtype), u_t.to(y.dtype))
     return y.to(u_t.dtype), window

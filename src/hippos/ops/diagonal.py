@@ -96,8 +96,9 @@ def cmul(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor) -> tuple[Tensor, Tensor
 
 def diag_step(u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """One recurrent step; u_t (..., H) real, state (..., H, M) complex -> (y_t (..., H), new state)."""
-    state = dA * state + dB * u_t[..., None].to(state.dtype)
-    return 2 * (C * state).sum(-1).real, state
+    state = torch.addcmul(dA * state, dB, u_t[..., None])
+    # linalg.vecdot conjugates its first argument: sum_m C_m x_m = vecdot(conj(C), x), one fused op.
+    return 2 * torch.linalg.vecdot(C.conj(), state).real, state
 
 
 def diag_scan_ref(u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
