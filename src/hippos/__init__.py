@@ -8,6 +8,10 @@ optional dependency.
 from . import layers, models, ops
 from .layers import H3, S4D
 from .models import H3LM, H3Config
+from .models import hf_registration as _hf_registration
+
+# transformers' Auto classes learn the "h3" models once transformers is imported (this never imports it).
+_hf_registration.register_on_import()
 
 __version__ = "0.1.0"
 __all__ = ["H3", "H3LM", "H3Config", "S4D", "layers", "models", "ops", "__version__"]

@@ -1,0 +1,333 @@
+"""Hugging Face transformers interface: H3HFConfig, H3ForCausalLM and H3Cache (transformers >= 5).
+
+    model = AutoModelForCausalLM.from_pretrained(directory)   # after `import hippos`; a save_pretrained directory
+    out = model.generate(input_ids, max_new_tokens=20, do_sample=False)
+
+H3ForCausalLM holds the `backbone` and `lm_head` of an H3LM, so its state-dict keys are H3LM's and directories
+written by either library's save_pretrained load in the other. The forward pass is H3LM's own.
+
+Generation: the cache is the recurrent state itself, one entry per block as H3LM returns it (a fixed-size H3State
+for H3 and S4D blocks, a KVCache for attention blocks), wrapped in an H3Cache. generate() runs the prompt in
+parallel (H3LM.forward with return_state=True, left padding through attention_mask) and then one token per step
+through H3LM.step. An H3Cache is a value: a forward pass returns a new one and never changes the one it was
+given, so a cache kept after a prompt can seed several continuations.
+
+Logits keep H3LM's padded vocabulary (a multiple of 8) but the padding ids get -inf, so that generate(), greedy
+or sampled, never emits an id >= config.vocab_size.
+
+This module imports transformers; `hippos.models.hf_registration` registers it with the Auto classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import H3, S4D, DiagonalSSM, H3State, ShiftSSM
+from ..layers.attention import KVCache, MultiHeadAttention
+from .config import MODEL_TYPE, H3Config
+from .hf_registration import register
+from .lm import H3LM
+
+try:  # transformers 5: dataclass configs, dict-style tied weights, transformers.initialization
+    from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+    from transformers import initialization as init
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as err:
+    raise ImportError(
+        f"hippos' Hugging Face interface needs transformers >= 5 ({err}): pip install 'transformers>=5'"
+    ) from err
+
+
+class H3HFConfig(PreTrainedConfig):
+    """transformers' view of an H3Config: the same fields with the same defaults, under model_type "h3"."""
+
+    model_type = MODEL_TYPE
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
+    # The LM head is always the word embedding (no field: an H3 model cannot be untied). transformers reads
+    # this to tie the weights and to store the shared tensor once.
+    tie_word_embeddings: ClassVar[bool] = True
+
+    # The fields of H3Config (see hippos.models.config for their meaning); a test checks that they match.
+    d_model: int = 768
+    n_layer: int = 12
+    vocab_size: int = 50257
+    pad_vocab_size_multiple: int = 8
+    attn_layer_idx: tuple[int, ...] = ()
+    ssm_mixer: str = "h3"
+    n_head: int = 12
+    rotary_dim: int = 0
+    d_inner: int = 0
+    d_state: int = 64
+    head_dim: int = 1
+    ssm_init: str = "lin"
+    discretization: str = "bilinear"
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    ssm_mode: str = "auto"
+    embed_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.attn_layer_idx = tuple(int(i) for i in self.attn_layer_idx)  # JSON gives a list
+        if not self.tie_word_embeddings:
+            raise ValueError("H3 models always tie the LM head to the word embedding; tie_word_embeddings must be true")
+        self.to_h3_config()  # validates every field now, with H3Config's error messages
+
+    @classmethod
+    def from_h3_config(cls, config: H3Config, **kwargs) -> H3HFConfig:
+        """The same configuration for transformers (kwargs: transformers' own options, e.g. eos_token_id)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(H3Config)}, **kwargs)
+
+    def to_h3_config(self) -> H3Config:
+        """hippos' H3Config, from H3Config's fields only (transformers' own keys stay here)."""
+        return H3Config.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(H3Config)})
+
+
+@dataclasses.dataclass
+class H3Cache:
+    """generate()'s cache: each block's mixer state as H3LM returns it, and how many positions it has seen.
+
+    Not a transformers Cache (whose layers hold growing key/value tensors): H3 and S4D states have a fixed size
+    and cannot be rolled back, so generate() treats the model as stateful (no assisted decoding) and never
+    compiles its decode step. Beam search picks rows with `select`, through H3ForCausalLM._reorder_cache.
+    """
+
+    states: list  # one per block: H3State, KVCache, or the S4D state tensor
+    seq_length: int  # positions seen, left padding included (what transformers counts)
+    is_compileable: ClassVar[bool] = False
+    is_croppable: ClassVar[bool] = False
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions seen so far (generate() slices the prompt of a continued generation with it)."""
+        return self.seq_length
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def select(self, rows: Tensor) -> H3Cache:
+        """A cache of the batch rows `rows` (beam search); this one is left as it is."""
+        return H3Cache([_select_rows(state, rows) for state in self.states], self.seq_length)
+
+
+def _select_rows(state, idx: Tensor):
+    """Batch rows idx of one mixer state."""
+    if isinstance(state, Tensor):
+        return state.index_select(0, idx.to(state.device))
+    if isinstance(state, H3State):
+        return H3State(_select_rows(state.shift, idx), _select_rows(state.diag, idx))
+    if isinstance(state, KVCache):  # fresh buffers: nothing else has written to them
+        pad = None if state.pad is None else _select_rows(state.pad, idx)
+        k, v = _select_rows(state.k, idx), _select_rows(state.v, idx)
+        return dataclasses.replace(state, k=k, v=v, written=[state.length], pad=pad)
+    raise TypeError(f"cannot reorder a mixer state of type {type(state).__name__}")
+
+
+class H3ForCausalLM(PreTrainedModel, GenerationMixin):
+    """An H3LM (pure H3, hybrid, Transformer or S4D) as a transformers causal LM; see the module docstring."""
+
+    config: H3HFConfig
+    config_class = H3HFConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.word_embeddings.weight"}
+    _is_stateful = True  # recurrent states cannot be cropped: no assisted decoding
+
+    def __init__(self, config: H3HFConfig, hippos_model: H3LM | None = None):
+        super().__init__(config)
+        if hippos_model is not None and hippos_model.config != config.to_h3_config():
+            raise ValueError("hippos_model's config differs from config; use H3ForCausalLM.from_hippos(model)")
+        lm = hippos_model if hippos_model is not None else H3LM(config.to_h3_config())
+        self.backbone = lm.backbone
+        self.lm_head = lm.lm_head
+        # The H3LM whose forward and step run this model: it shares our modules but is not a submodule of
+        # ours, so that the state dict keeps H3LM's key names (and has no second copy of them).
+        self.__dict__["_hippos_model"] = lm
+        self.__dict__["_param_options"] = {n: p._optim for n, p in self.named_parameters() if hasattr(p, "_optim")}
+        self.post_init()
+
+    # ---- converting ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hippos(cls, model: H3LM, **config_kwargs) -> H3ForCausalLM:
+        """Wrap a native model; the two share modules and weights (no copy)."""
+        with no_init_weights():  # keep the model's weights
+            return cls(H3HFConfig.from_h3_config(model.config, **config_kwargs), hippos_model=model)
+
+    def to_hippos(self) -> H3LM:
+        """The native H3LM running this model; it shares modules and weights with it (copy.deepcopy for a copy)."""
+        lm = self.__dict__["_hippos_model"]
+        if lm.backbone is not self.backbone:  # a module was replaced (e.g. set_input_embeddings)
+            lm.backbone = self.backbone
+        if lm.lm_head is not self.lm_head:
+            lm.lm_head = self.lm_head
+        return lm
+
+    # ---- transformers' hooks -------------------------------------------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not create a DynamicCache: the model returns its own H3Cache
+
+    def _reorder_cache(self, cache: H3Cache, beam_idx: Tensor) -> H3Cache:
+        return cache.select(beam_idx)  # beam search; caches stay values
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained; the loaded parameters get back hippos' optimiser options (`_optim`,
+        the SSM parameter group), which transformers drops when it puts the loaded tensors in place."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        params = dict(model.named_parameters())
+        for name, options in model.__dict__["_param_options"].items():
+            params[name]._optim = options
+        return loaded
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.backbone.embeddings.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """H3LM's initialisation, module by module, through transformers' init functions (which skip loaded
+        tensors): from_pretrained builds the model on the meta device and initialises only what it did not load."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            if module in self._residual_projections():
+                std /= (2 * self.config.n_layer) ** 0.5
+            init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ShiftSSM):
+            fresh = ShiftSSM(module.channels, module.d_state, device="cpu")
+            _copy_parameters(module, fresh)
+        elif isinstance(module, DiagonalSSM):
+            m = module
+            fresh = DiagonalSSM(m.channels, m.d_state, m.init, m.discretization, m.dt_min, m.dt_max, device="cpu")
+            _copy_parameters(module, fresh)
+        elif isinstance(module, H3):
+            init.normal_(module.ssm_k_D)
+            init.normal_(module.D)
+        elif isinstance(module, S4D):
+            init.normal_(module.D)
+
+    def _residual_projections(self) -> list[nn.Linear]:
+        """The layers H3LM initialises with std / sqrt(2 n_layer): MLP fc2 and attention out_proj.
+
+        (Set per Linear: transformers skips initialising modules without parameters of their own, like Block.)
+        """
+        blocks = self.backbone.layers
+        return [b.mlp.fc2 for b in blocks] + [
+            b.mixer.out_proj for b in blocks if isinstance(b.mixer, MultiHeadAttention)
+        ]
+
+    # ---- forward and generation ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: H3Cache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """input_ids (B, L) -> CausalLMOutputWithPast(loss, logits (B, L, padded vocab), past_key_values).
+
+        labels (B, L) follow transformers' convention: shifted here, so position t is scored on labels[t + 1];
+        -100 is ignored. attention_mask (B, L) or (B, past + L): 1 for tokens, 0 for padding, which may only be
+        left padding at the start of the sequence (or right padding without a cache: the model is causal, so
+        it cannot change the real positions). use_cache: return an H3Cache (default: only when one was given).
+        num_items_in_batch: the Trainer's token count for gradient accumulation (loss = sum / count).
+        """
+        if kwargs.get("inputs_embeds") is not None:
+            raise NotImplementedError("H3ForCausalLM takes input_ids, not inputs_embeds")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise NotImplementedError("H3ForCausalLM returns neither attentions nor hidden states")
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids (batch, length) are required")
+        if past_key_values is not None and not isinstance(past_key_values, H3Cache):
+            raise TypeError(f"past_key_values must be an H3Cache from this model, got {type(past_key_values).__name__}")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        use_cache = past_key_values is not None if use_cache is None else use_cache
+        lm = self.to_hippos()
+        state = past_key_values.states if past_key_values is not None else None
+        past = past_key_values.seq_length if past_key_values is not None else 0
+        length = input_ids.shape[1]
+        mask = self._mask_for_native(attention_mask, length, state is not None, use_cache)
+
+        loss = None
+        if state is not None and length == 1 and labels is None and not self.training:
+            logits, new_state = lm.step(input_ids[:, 0], state)  # the decode path
+            logits = logits[:, None]
+        else:
+            targets = None
+            if labels is not None:
+                targets = F.pad(labels[:, 1:].to(input_ids.device), (0, 1), value=-100)
+            out = lm(input_ids, labels=targets, attention_mask=mask, state=state, return_state=use_cache)
+            logits, new_state, loss = out.logits, out.state, out.loss
+            if loss is not None and num_items_in_batch is not None:
+                loss = loss * (targets != -100).sum() / num_items_in_batch
+        logits = self._mask_padding_ids(logits)
+        cache = H3Cache(new_state, past + length) if use_cache else None
+        if not return_dict:
+            return tuple(x for x in (loss, logits, cache) if x is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    @staticmethod
+    def _mask_for_native(mask: Tensor | None, length: int, has_state: bool, use_cache: bool) -> Tensor | None:
+        """The attention mask H3LM should see for `length` new tokens (None where it changes nothing)."""
+        if mask is None:
+            return None
+        if mask.dim() != 2 or mask.shape[1] < length:
+            raise ValueError(f"attention_mask must be (batch, >= {length}), got {tuple(mask.shape)}")
+        mask = mask[:, -length:].bool()  # generate() passes the mask of the whole sequence so far
+        if bool(mask.all()):
+            return None
+        if has_state:  # the state already knows the padding of the prompt
+            raise ValueError("padding is only allowed at the start of a sequence (left padding of the prompt)")
+        ones_then_zeros = torch.equal(mask, mask.int().cummin(dim=1).values.bool())
+        if ones_then_zeros and not use_cache:
+            return None  # causal model: tokens after the real ones change nothing before them
+        return mask  # H3LM checks that it is left padding
+
+    def _mask_padding_ids(self, logits: Tensor) -> Tensor:
+        """-inf on the embedding's padding ids (>= vocab_size), which are no tokens."""
+        vocab = self.config.vocab_size
+        if logits.shape[-1] == vocab:
+            return logits
+        if logits.requires_grad:
+            is_pad = torch.arange(logits.shape[-1], device=logits.device) >= vocab
+            return logits.masked_fill(is_pad, float("-inf"))
+        logits[..., vocab:] = float("-inf")
+        return logits
+
+
+def _copy_parameters(module: nn.Module, fresh: nn.Module) -> None:
+    """Copy freshly initialised parameters into module's own parameters, skipping those already loaded."""
+    for (name, param), (fresh_name, value) in zip(
+        module.named_parameters(recurse=False), fresh.named_parameters(recurse=False), strict=True
+    ):
+        assert name == fresh_name
+        init.copy_(param, value)
+
+
+register()  # with the Auto classes, however this module came to be imported first
