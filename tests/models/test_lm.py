@@ -185,3 +185,16 @@ def test_presets_match_the_published_table():
     assert shapes["H3-1.3B"] == (2048, 24, 16, (8, 16), 0)
     assert shapes["H3-2.7B"] == (2560, 32, 20, (8, 16, 24), 0)
     assert shapes["H3-2.7B-rotary"] == (2560, 32, 20, (10, 21), 64)
+
+
+def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    # Offline mode makes huggingface_hub refuse at once instead of retrying a network that is not there.
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="could not reach the Hugging Face Hub for 'danfu09/H3-125M'.*offline"):
+        H3LM.from_pretrained("danfu09/H3-125M")
+
+
+def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        H3LM.from_pretrained(str(tmp_path / "model.pt"))

@@ -2,7 +2,8 @@
 
 Every (model, batch, prompt) runs in a fresh process: build the model (random weights, eval mode), one
 untimed warm-up, then the timed prefill of the whole prompt (state kept) and `new_tokens` greedy decode
-steps. Peak memory is the rise of resident memory during prefill + decode.
+steps. Peak memory is the rise of resident memory during the prefill, and separately during decoding (what
+decoding adds to the prompt's state: KV caches grow, a recurrent state does not).
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
 
     with torch.inference_mode():
         decode(*prefill(ids[:, :16]), 4)  # warm-up: first-call costs stay out of the figures
-        with PeakMemory(cfg.device) as mem:
+        with PeakMemory(cfg.device) as prefill_mem:
             start = time.perf_counter()
             logits, cache = prefill(ids)
             mid = time.perf_counter()
+        with PeakMemory(cfg.device) as decode_mem:  # what decoding adds on top of the prompt's state
             decode(logits, cache, cfg.new_tokens)
             end = time.perf_counter()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -115,7 +117,7 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
         "prefill_tokens_per_s": batch * prompt / (mid - start),
         "decode_tokens_per_s": batch * cfg.new_tokens / (end - mid),
         "decode_ms_per_step": (end - mid) / cfg.new_tokens * 1e3,
-        "peak_mib": mem.mib, "weight_bytes": weight_bytes,
+        "prefill_peak_mib": prefill_mem.mib, "decode_peak_mib": decode_mem.mib, "weight_bytes": weight_bytes,
     }  # fmt: skip
 
 
@@ -145,8 +147,8 @@ def format_table(result: dict, markdown: bool = False) -> str:
     bw = result["bandwidth_gbs"]
     ok = [r for r in result["rows"] if "error" not in r]
     gpt = {(r["batch"], r["prompt"]): r for r in ok if r["model"] == "gpt2"}
-    head = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "peak MiB", "x GPT-2 decode",
-            "x floor"]  # fmt: skip
+    head = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "prefill MiB", "decode MiB",
+            "x GPT-2 decode", "x floor"]  # fmt: skip
     cells = [head]
     for r in ok:
         base = gpt.get((r["batch"], r["prompt"]))
@@ -154,7 +156,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
         cells.append([
             LABELS[r["model"]], str(r["batch"]), str(r["prompt"]), f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_ms_per_step']:.1f}",
-            f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-",
+            *(f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("prefill_peak_mib", "decode_peak_mib")),
             f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-",
             f"{r['decode_ms_per_step'] / floor_ms:.2f}" if r["batch"] == 1 else "-",
         ])  # fmt: skip

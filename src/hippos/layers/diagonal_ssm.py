@@ -13,10 +13,11 @@ from ..ops import (
     diag_kernel,
     diag_ssm_chunked,
     diag_state_outputs,
-    diag_step,
+    diag_step_prepared,
     discretize,
     fft_conv,
     ssm_A,
+    step_output_weights,
 )
 from ..ops.diagonal import DISCRETIZATIONS
 from ._cache import ParamCache
@@ -94,6 +95,7 @@ class DiagonalSSM(nn.Module):
         for p in (self.log_dt, self.inv_A_real, self.A_imag, self.B):
             p._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
         self._discrete_cache = ParamCache()  # decode steps reuse the discrete system
+        self._step_cache = ParamCache()  # ... and what a step needs of it
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,6 +112,10 @@ class DiagonalSSM(nn.Module):
     def parameters_list(self) -> list[nn.Parameter]:
         """The parameters the discrete system depends on."""
         return [self.log_dt, self.inv_A_real, self.A_imag, self.B, self.C]
+
+    def _step_constants(self) -> tuple[Tensor, Tensor, Tensor]:
+        dA, dB, C = self.discrete()
+        return dA, dB, step_output_weights(C)
 
     def _discretize(self) -> tuple[Tensor, Tensor, Tensor]:
         cdt = compute_dtype(self.log_dt.dtype)
@@ -156,7 +162,7 @@ class DiagonalSSM(nn.Module):
         """One recurrent step; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state)."""
         check_state(state, (*u_t.shape, self.n_modes), "diagonal SSM state")
         u = u_t.to(state.real.dtype)
-        y, state = diag_step(u, state, *self.discrete())
+        y, state = diag_step_prepared(u, state, *self._step_cache.get(self.parameters_list(), self._step_constants))
         if skip is not None:
             y = torch.addcmul(y, skip.to(y.dtype), u)
         return y.to(u_t.dtype), state

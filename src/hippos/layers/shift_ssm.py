@@ -29,6 +29,7 @@ class ShiftSSM(nn.Module):
         self.C = nn.Parameter(torch.empty(channels, d_state, **factory))
         self.B._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
         self._kernel_cache = ParamCache()  # decode steps reuse the kernel
+        self._flipped_cache = ParamCache()  # ... and its time-reversed copy
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -65,4 +66,6 @@ class ShiftSSM(nn.Module):
     def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One step; u_t (..., H), state (..., H, N) -> (y_t (..., H), new state)."""
         check_state(state, (*u_t.shape, self.d_state), "shift SSM state")
-        return short_conv_step(u_t, state, self.kernel(), skip)
+        k = self.kernel()
+        flipped = self._flipped_cache.get((self.B, self.C), lambda: k.flip(-1))
+        return short_conv_step(u_t, state, k, skip, flipped)

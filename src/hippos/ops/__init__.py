@@ -4,7 +4,16 @@ Every fast path has a readable reference with the same meaning (`*_ref`), and th
 """
 
 from .conv import causal_conv_ref, compute_dtype, fft_conv, next_fast_len, short_conv, short_conv_step
-from .diagonal import diag_kernel, diag_kernel_ref, diag_scan_ref, diag_step, discretize, ssm_A
+from .diagonal import (
+    diag_kernel,
+    diag_kernel_ref,
+    diag_scan_ref,
+    diag_step,
+    diag_step_prepared,
+    discretize,
+    ssm_A,
+    step_output_weights,
+)
 from .shift import shift_kernel, shift_kernel_ref, shift_step_ref
 from .state_passing import chunk_operators, diag_final_state, diag_ssm_chunked, diag_state_outputs
 
@@ -19,6 +28,7 @@ __all__ = [
     "diag_ssm_chunked",
     "diag_state_outputs",
     "diag_step",
+    "diag_step_prepared",
     "discretize",
     "fft_conv",
     "next_fast_len",
@@ -28,4 +38,5 @@ __all__ = [
     "short_conv",
     "short_conv_step",
     "ssm_A",
+    "step_output_weights",
 ]

@@ -215,14 +215,18 @@ def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | 
     return from_chunks(y, uc, D, lead).to(u.dtype)
 
 
-def short_conv_step(u_t: Tensor, window: Tensor, k: Tensor, D: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def short_conv_step(
+    u_t: Tensor, window: Tensor, k: Tensor, D: Tensor | None = None, flipped: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One step of `short_conv`; u_t (..., H), window (..., H, W >= Lk) of past inputs, oldest first.
 
-    Returns (y_t (..., H), new window with u_t appended and the oldest input dropped).
+    Returns (y_t (..., H), new window with u_t appended and the oldest input dropped). `flipped` may hold
+    k.flip(-1) computed once for many steps.
     """
     window = torch.cat([window[..., 1:], u_t[..., None].to(window.dtype)], dim=-1)
     Lk = k.shape[-1]
-    y = torch.linalg.vecdot(window[..., window.shape[-1] - Lk :], k.flip(-1).to(window.dtype))
+    flipped = k.flip(-1) if flipped is None else flipped
+    y = torch.linalg.vecdot(window[..., window.shape[-1] - Lk :], flipped.to(window.dtype))
     if D is not None:
         y = torch.addcmul(y, D.to(y.dtype), u_t.to(y.dtype))
     return y.to(u_t.dtype), window

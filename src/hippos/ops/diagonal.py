@@ -96,9 +96,19 @@ def cmul(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor) -> tuple[Tensor, Tensor
 
 def diag_step(u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """One recurrent step; u_t (..., H) real, state (..., H, M) complex -> (y_t (..., H), new state)."""
+    return diag_step_prepared(u_t, state, dA, dB, step_output_weights(C))
+
+
+def step_output_weights(C: Tensor) -> Tensor:
+    """2 conj(C), materialised: what `diag_step_prepared` takes in place of C."""
+    return (2 * C).conj().resolve_conj()
+
+
+def diag_step_prepared(u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, out_w: Tensor) -> tuple[Tensor, Tensor]:
+    """`diag_step` with out_w = step_output_weights(C) computed once for many steps (decoding)."""
     state = torch.addcmul(dA * state, dB, u_t[..., None])
-    # linalg.vecdot conjugates its first argument: sum_m C_m x_m = vecdot(conj(C), x), one fused op.
-    return 2 * torch.linalg.vecdot(C.conj(), state).real, state
+    # linalg.vecdot conjugates its first argument: 2 sum_m C_m x_m = vecdot(2 conj(C), x), one fused op.
+    return torch.linalg.vecdot(out_w, state).real, state
 
 
 def diag_scan_ref(u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
