@@ -64,8 +64,8 @@ class _TextStreamer:
     character (U+FFFD) is held back until its remaining bytes arrive.
     """
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now: stdout may be redirected
         self.ids: list[int] = []
         self.shown = 0
 
