@@ -29,6 +29,17 @@ def _progress_bar(total_desc: str):
     return update
 
 
+def _report(result: dict, table: str, json_path: str | None) -> None:
+    """Print a benchmark's table and machine; write its record as JSON when asked."""
+    m = result["machine"]
+    print(table)
+    print(f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {json_path}")
+
+
 def _bench_layer(args: argparse.Namespace) -> int:
     from .benchmarks.layer import LayerBenchConfig, format_table, plot, quick_config, run_layer_bench
 
@@ -138,11 +149,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = run_generate_bench(cfg, progress=_progress_bar("bench generate"))
-    print(format_table(result, markdown=args.markdown))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    _report(result, format_table(result, markdown=args.markdown), args.json)
     return 0
 
 

@@ -70,7 +70,8 @@ def test_run_isolated_returns_the_result():
 
 def test_summary_table_json_and_plot(tmp_path, monkeypatch):
     # Run the measurements in-process: the isolation is tested above and costs seconds per call.
-    monkeypatch.setattr("hippos.benchmarks.layer.run_isolated", lambda fn, *a: fn(*a))
+    for where in ("hippos.benchmarks.layer", "hippos.benchmarks.measure"):
+        monkeypatch.setattr(f"{where}.run_isolated", lambda fn, *a: fn(*a))
     result = run_layer_bench(TINY)
     json.dumps(result)  # the record must be JSON-serialisable as written by --json
     (line_fwd, line_bwd) = summarize(result)
@@ -91,7 +92,7 @@ def test_a_failed_measurement_becomes_an_error_row(monkeypatch):
     def boom(fn, *args):
         raise RuntimeError("no memory")
 
-    monkeypatch.setattr("hippos.benchmarks.layer.run_isolated", boom)
+    monkeypatch.setattr("hippos.benchmarks.measure.run_isolated", boom)
     cfg = LayerBenchConfig(lengths=(16,), d_model=32, n_head=4, impls=("hippos",), stream_tokens=0)
     monkeypatch.setattr("hippos.benchmarks.layer.matmul_gflops", lambda device: 100.0)
     result = run_layer_bench(cfg)

@@ -9,13 +9,12 @@ decoding adds to the prompt's state: KV caches grow, a recurrent state does not)
 from __future__ import annotations
 
 import time
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..models import H3LM, H3Config
-from .measure import PeakMemory, machine_info, memory_bandwidth, run_isolated
+from .measure import PeakMemory, format_cells, machine_info, memory_bandwidth, run_jobs
 
 MODELS = ("h3", "hybrid", "transformer", "gpt2")
 LABELS = {
@@ -126,18 +125,13 @@ def run_generate_bench(cfg: GenerateBenchConfig, progress=None) -> dict:
     unknown = set(cfg.models) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
-    jobs = [(m, b, p) for b in cfg.batches for p in cfg.prompts for m in cfg.models]
-    rows = []
-    for i, (kind, batch, prompt) in enumerate(jobs):
-        if progress:
-            progress(i, len(jobs), f"{kind} batch {batch} prompt {prompt}")
-        try:
-            rows.append(run_isolated(measure_generate, kind, batch, prompt, cfg))
-        except Exception as err:  # a dead worker (memory) or a missing baseline: report, keep going
-            reason = "worker died (out of memory?)" if isinstance(err, BrokenProcessPool) else repr(err)
-            rows.append({"model": kind, "batch": batch, "prompt": prompt, "error": reason})
-    if progress:
-        progress(len(jobs), len(jobs), "done")
+    jobs = [
+        ({"model": m, "batch": b, "prompt": p}, (m, b, p, cfg))
+        for b in cfg.batches
+        for p in cfg.prompts
+        for m in cfg.models
+    ]
+    rows = run_jobs(measure_generate, jobs, progress)
     return {"config": asdict(cfg), "machine": machine_info(cfg.device),
             "bandwidth_gbs": memory_bandwidth(cfg.device), "rows": rows}  # fmt: skip
 
@@ -160,12 +154,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
             f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-",
             f"{r['decode_ms_per_step'] / floor_ms:.2f}" if r["batch"] == 1 else "-",
         ])  # fmt: skip
-    if markdown:
-        out = ["| " + " | ".join(row) + " |" for row in cells]
-        out.insert(1, "|" + "---|" * len(head))
-    else:
-        widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-        out = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    out = format_cells(cells, markdown)
     out += [f"failed: {r['model']} batch {r['batch']} prompt {r['prompt']}: {r['error']}"
             for r in result["rows"] if "error" in r]  # fmt: skip
     out.append(f"x floor: decode ms/step over (weight bytes / {bw:.1f} GB/s measured read bandwidth), batch 1")

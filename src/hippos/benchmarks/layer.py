@@ -7,14 +7,13 @@ Records are plain dicts; the CLI prints them as a table and can write JSON and a
 from __future__ import annotations
 
 import time
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..layers import H3, MultiHeadAttention
 from .baselines import OfficialH3Port
-from .measure import PeakMemory, machine_info, matmul_gflops, median_time, run_isolated
+from .measure import PeakMemory, format_cells, machine_info, matmul_gflops, median_time, run_isolated, run_jobs
 
 IMPLEMENTATIONS = ("hippos", "official", "attention")
 LABELS = {
@@ -121,18 +120,13 @@ def stream(cfg: LayerBenchConfig) -> list[dict]:
 
 def run_layer_bench(cfg: LayerBenchConfig, progress=None) -> dict:
     """Every measurement of cfg, each in a fresh process; returns {"machine", "rows", "stream", ...}."""
-    jobs = [(impl, L, bwd) for L in cfg.lengths for impl in cfg.impls for bwd in (False, True)]
-    rows = []
-    for i, (impl, L, bwd) in enumerate(jobs):
-        if progress:
-            progress(i, len(jobs), f"{impl} L={L} {'fwd+bwd' if bwd else 'fwd'}")
-        try:
-            rows.append(run_isolated(measure_layer, impl, L, bwd, cfg))
-        except Exception as err:  # e.g. the worker was killed for memory: report it, keep measuring
-            reason = "worker died (out of memory?)" if isinstance(err, BrokenProcessPool) else repr(err)
-            rows.append({"impl": impl, "L": L, "pass": "fwd+bwd" if bwd else "fwd", "error": reason})
-    if progress:
-        progress(len(jobs), len(jobs), "streaming" if cfg.stream_tokens else "done")
+    jobs = [
+        ({"impl": impl, "L": L, "pass": "fwd+bwd" if bwd else "fwd"}, (impl, L, bwd, cfg))
+        for L in cfg.lengths
+        for impl in cfg.impls
+        for bwd in (False, True)
+    ]
+    rows = run_jobs(measure_layer, jobs, progress)
     streamed = run_isolated(stream, cfg) if cfg.stream_tokens else []
     rate = matmul_gflops(cfg.device)
     return {
@@ -183,12 +177,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
     cells = [[c[1] for c in cols]]
     for line in lines:
         cells.append([c[2].format(line[c[0]]) if line.get(c[0]) is not None else "-" for c in cols])
-    if markdown:
-        out = ["| " + " | ".join(row) + " |" for row in cells]
-        out.insert(1, "|" + "---|" * len(cols))
-    else:
-        widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-        out = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    out = format_cells(cells, markdown)
     failed = [r for r in result["rows"] if "error" in r]
     out += [f"failed: {r['impl']} L={r['L']} {r['pass']}: {r['error']}" for r in failed]
     for s in result["stream"]:

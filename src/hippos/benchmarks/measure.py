@@ -15,6 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -90,6 +91,36 @@ def run_isolated(fn: Callable, *args, **kwargs):
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+def run_jobs(fn: Callable, jobs: list[tuple[dict, tuple]], progress=None) -> list[dict]:
+    """fn(*args) for every (fields, args) job, each in a fresh process.
+
+    A job that fails (a worker killed for memory, a missing baseline) becomes {**fields, "error": why}, and
+    the rest still run. progress(done, total, what) is called before each job and at the end.
+    """
+    rows = []
+    for i, (fields, args) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs), " ".join(f"{k} {v}" for k, v in fields.items()))
+        try:
+            rows.append(run_isolated(fn, *args))
+        except Exception as err:
+            reason = "worker died (out of memory?)" if isinstance(err, BrokenProcessPool) else repr(err)
+            rows.append({**fields, "error": reason})
+    if progress:
+        progress(len(jobs), len(jobs), "done")
+    return rows
+
+
+def format_cells(cells: list[list[str]], markdown: bool = False) -> list[str]:
+    """Rows of strings (the first one the header) as right-aligned text columns, or a Markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "|" + "---|" * len(cells[0]))
+        return lines
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
 
 
 def matmul_gflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
