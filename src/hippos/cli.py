@@ -53,15 +53,8 @@ def _bench_layer(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = run_layer_bench(cfg, progress=_progress_bar("bench layer"))
-    print(format_table(result, markdown=args.markdown))
-    print(
-        f"machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} threads, "
-        f"matmul {result['matmul_gflops']:.0f} GFLOP/s, torch {result['machine']['torch']}"
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    _report(result, format_table(result, markdown=args.markdown), args.json)
+    print(f"measured fp32 matmul rate: {result['matmul_gflops']:.0f} GFLOP/s")
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
