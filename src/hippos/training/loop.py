@@ -1,0 +1,184 @@
+"""The training loop: AdamW with SSM groups, warmup + decay, clipping, accumulation, evaluation, checkpoints.
+
+Data comes as a function `batch_at(step) -> (inputs, targets)` that depends on the step alone, so the data
+position of a resumed run is just its step, and with the optimizer, schedule and RNG states restored an
+interrupted run ends exactly where an uninterrupted one would (on the CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..models import H3LM
+from .checkpoint import latest_checkpoint, save_checkpoint
+from .optim import SCHEDULES, lr_factor, make_optimizer
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 0  # sequences per forward/backward (0: the whole batch); gradients accumulate
+    lr: float = 5e-4  # peak learning rate (SSM parameters: at most 1e-3)
+    weight_decay: float = 0.1  # AdamW weight decay (SSM parameters: none)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    warmup_steps: int = 0  # linear warmup steps
+    schedule: str = "cosine"  # decay after warmup: cosine, linear or constant
+    min_lr_ratio: float = 0.1  # the decay ends at this fraction of the peak
+    grad_clip: float = 1.0  # gradient-norm clipping (0: off)
+    eval_every: int = 100  # steps between evaluations (0: only at the end)
+    log_every: int = 10  # steps between log lines
+    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
+    target_accuracy: float = 0.0  # stop once the evaluation accuracy reaches this (0: never)
+    seed: int = 0  # seed of the model initialisation, data order and dropout
+    device: str = "cpu"  # torch device
+    precision: str = "auto"  # autocast: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16
+
+    def validate(self) -> None:
+        """Refuse inconsistent settings before any work."""
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0; weight_decay and grad_clip >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise ValueError("target_accuracy must be in [0, 1]")
+
+
+def _autocast(cfg: TrainConfig):
+    device = torch.device(cfg.device)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _labelled(targets: Tensor) -> int:
+    return int((targets != -100).sum())
+
+
+def train(
+    model: H3LM,
+    batch_at: Callable[[int], tuple[Tensor, Tensor]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    evaluate: Callable[[H3LM], dict] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Train `model` in place; write log.jsonl, checkpoints and the final model (save_pretrained) to out_dir.
+
+    evaluate(model) -> metrics ({"accuracy": ..., ...}) runs every cfg.eval_every steps and at the end.
+    extra: JSON-ready facts about the run (task, data) written to run.json. Returns the final metrics.
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(cfg.device).train()
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    factor = lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    start, metrics = 0, {}
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start, metrics = ckpt["step"], ckpt.get("metrics", {})
+    elif not resume:
+        torch.manual_seed(cfg.seed)
+    (out / "run.json").write_text(json.dumps({"train": asdict(cfg), "model": model.config.to_dict(), **(extra or {})},
+                                             indent=1))  # fmt: skip
+
+    def checkpoint(step: int, rng: Tensor | None = None) -> None:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        rng = torch.get_rng_state() if rng is None else rng
+        save_checkpoint(out, {**state, "rng": rng, "step": step, "metrics": metrics})
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    step, tokens, clock = start, 0, time.perf_counter()
+    step_rng = torch.get_rng_state()
+    with open(out / "log.jsonl", "a") as log:
+        try:
+            while step < cfg.steps:
+                step_rng = torch.get_rng_state()  # an interrupted step restarts from here
+                inputs, targets = batch_at(step)
+                inputs, targets = inputs.to(cfg.device), targets.to(cfg.device)
+                total, loss_sum = max(1, _labelled(targets)), 0.0
+                for i in range(0, inputs.shape[0], micro):
+                    x, y = inputs[i : i + micro], targets[i : i + micro]
+                    with _autocast(cfg):
+                        loss = model(x, labels=y).loss
+                    # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
+                    share = _labelled(y) / total
+                    (loss * share).backward()
+                    loss_sum += loss.item() * share
+                grad_norm = None
+                if cfg.grad_clip:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tokens += inputs.numel()
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - clock
+                    record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
+                              "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}  # fmt: skip
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    tokens, clock = 0, time.perf_counter()
+                done = step == cfg.steps
+                if evaluate is not None and (done or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    model.eval()
+                    with torch.no_grad():
+                        metrics = {k: float(v) for k, v in evaluate(model).items()}
+                    model.train()
+                    log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+                    log.flush()
+                    reached = cfg.target_accuracy and metrics.get("accuracy", 0.0) >= cfg.target_accuracy
+                    done = done or bool(reached)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+                if done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    checkpoint(step)
+                if done:
+                    break
+        except KeyboardInterrupt:
+            checkpoint(step, step_rng)  # every completed step is kept; resume redoes the interrupted one
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    model.eval()
+    model.save_pretrained(out)
+    return {"step": step, **metrics}
