@@ -50,3 +50,42 @@ def test_unset_options_keep_the_base():
 def test_bad_values_are_refused(text, annotation, message):
     with pytest.raises(ValueError, match=message):
         parse_value(text, annotation, "f")
+
+
+@dataclass
+class Other:
+    """A second section."""
+
+    steps: int = 10  # how many
+
+
+def test_run_file_with_overrides(tmp_path):
+    from hippos.config import load_run
+
+    path = tmp_path / "run.toml"
+    path.write_text("[example]\nwidth = 3\nrate = 1\nsizes = [4, 5]\n\n[other]\nsteps = 7\n")
+    run = load_run(str(path), {"example": Example, "other": Other}, ["--other.steps", "9", "--example.name", "y"])
+    assert run["example"] == Example(width=3, rate=1.0, name="y", sizes=(4, 5))
+    assert run["other"] == Other(steps=9)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "match"),
+    [
+        ("[exampel]\nwidth = 3\n", [], r"unknown section\(s\) \['exampel'\]"),
+        ("[example]\nwidht = 3\n", [], "unknown key example.widht"),
+        ('[example]\nwidth = "3"\n', [], "example.width takes int"),
+        ("[example]\nsizes = 3\n", [], "example.sizes takes a list"),
+        ("", ["--example.width", "x"], "takes int"),
+        ("", ["--width", "3"], "unknown option --width"),
+        ("", ["--example.width"], "pairs"),
+        ("[example\n", [], "not valid TOML"),
+    ],
+)
+def test_bad_run_files_are_refused(tmp_path, text, overrides, match):
+    from hippos.config import load_run
+
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_run(str(path), {"example": Example, "other": Other}, overrides)

@@ -3,6 +3,9 @@
 A config is a dataclass whose fields each carry a trailing `# comment`. `add_arguments` turns the fields into
 `--field value` options (help = the comment), `from_overrides` builds the dataclass from parsed values,
 refusing a value that does not fit the field's type before any work starts.
+
+Run files are TOML with one table per section (`[model]`, `[train]`, ...); `load_run` reads one and applies
+`--section.field value` overrides from the command line. Unknown sections and keys are errors.
 """
 
 from __future__ import annotations
@@ -51,6 +54,68 @@ def parse_value(text: str, annotation, name: str):
         except ValueError:
             raise ValueError(f"--{name} takes {annotation.__name__}, got {text!r}") from None
     raise TypeError(f"field {name} has a type ({annotation}) that has no command-line form")
+
+
+def _check_toml_value(value, annotation, where: str):
+    """A TOML value of the field's type (ints are accepted for floats; lists for tuples)."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} takes a list, got {value!r}")
+        inner = typing.get_args(annotation)[0]
+        return tuple(_check_toml_value(v, inner, where) for v in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and type(value) is annotation:
+        return value
+    raise ValueError(f"{where} takes {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def load_run(path: str | None, sections: dict[str, type], overrides: list[str] = (), build=None) -> dict:
+    """{section: dataclass} from a TOML run file and `--section.field value` overrides.
+
+    build: optional {section: callable(values dict) -> config} for sections built another way (a model
+    section that names a preset, say); the values are type-checked against sections[name] first.
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: {err}") from None
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown} in {path}; known: {sorted(sections)}")
+    if len(overrides) % 2:
+        raise ValueError(f"overrides come in pairs '--section.field value', got {list(overrides)}")
+    for flag, text in zip(overrides[::2], overrides[1::2]):
+        name = flag.removeprefix("--")
+        if "." not in name or name.split(".", 1)[0] not in sections:
+            raise ValueError(f"unknown option {flag}; overrides look like --{next(iter(sections))}.field value")
+        section, key = name.split(".", 1)
+        raw.setdefault(section, {})[key.replace("-", "_")] = ("text", text)
+    result = {}
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in raw.get(section, {}).items():
+            extra = build and section in build and key == "preset"
+            if key not in hints and not extra:
+                raise ValueError(f"unknown key {section}.{key}; known: {sorted(hints)}")
+            annotation = str if extra else hints[key]
+            where = f"{section}.{key}"
+            if isinstance(value, tuple) and value[:1] == ("text",):
+                values[key] = parse_value(value[1], annotation, where)
+            else:
+                values[key] = _check_toml_value(value, annotation, where)
+        result[section] = build[section](values) if build and section in build else cls(**values)
+    return result
 
 
 def _fields(cls):
