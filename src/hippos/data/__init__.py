@@ -1,5 +1,16 @@
-"""Data: tokenizers (and, later, datasets and synthetic tasks). Depends on nothing else in hippos."""
+"""Data: tokenizers and the synthetic in-context-learning tasks. Depends on nothing else in hippos."""
 
+from .synthetic import PAPER_TASKS, Examples, SyntheticTask, accuracy, make_examples, make_splits
 from .tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = [
+    "PAPER_TASKS",
+    "ByteTokenizer",
+    "Examples",
+    "HFTokenizer",
+    "SyntheticTask",
+    "accuracy",
+    "load_tokenizer",
+    "make_examples",
+    "make_splits",
+]
