@@ -132,6 +132,91 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_sections(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """The run's typed sections: from --config (or, with --resume alone, the run's own run.json) + overrides."""
+    from pathlib import Path
+
+    from .config import load_run
+    from .models import H3Config
+    from .training import TrainConfig
+    from .training.synthetic import SyntheticDataConfig, model_config
+
+    sections = {"model": H3Config, "task": SyntheticDataConfig, "train": TrainConfig}
+    path = args.config
+    if path is None:
+        recorded = Path(args.out) / "run.json"
+        if not (args.resume and recorded.is_file()):
+            raise ValueError("give --config FILE (see configs/), or --resume with an --out directory holding run.json")
+        path = _recorded_tables(recorded)
+    # The model table is built once the task is known: its vocabulary comes from the task by default.
+    run = load_run(path, sections, overrides, build={"model": dict})
+    run["model"] = model_config(run["model"], run["task"].spec().model_vocab_size)
+    return run
+
+
+def _recorded_tables(path) -> dict:
+    """A run.json's model, task and train tables, as a run file would hold them (for --resume alone)."""
+    with open(path) as f:
+        record = json.load(f)
+    model = {k: v for k, v in record["model"].items() if k != "model_type"}
+    return {"model": model, "task": record["data"], "train": record["train"]}
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .training.synthetic import run_synthetic
+
+    run = _train_sections(args, overrides)
+    model, task, train = run["model"], run["task"], run["train"]
+    spec = task.spec()
+    mixers = ", ".join(model.mixer(i) for i in range(model.n_layer))
+    print(
+        f"training {model.n_layer}-layer d_model {model.d_model} ({mixers})"
+        f" on {spec.name} (V {spec.vocab_size}, L {spec.seq_len}): {train.steps} steps of {train.batch_size}, "
+        f"lr {train.lr:g}, on {train.device} -> {args.out}",
+        flush=True,
+    )
+    metrics = run_synthetic(model, task, train, args.out, resume=args.resume, progress=not args.quiet)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(f"done: {shown}; the model loads with hippos.H3LM.from_pretrained({args.out!r})")
+    return 0
+
+
+def _eval_synthetic(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data.synthetic import PAPER_TASKS, load_examples, make_splits
+    from .evaluation import evaluate_examples
+    from .models import H3LM
+    from .training.synthetic import SyntheticDataConfig, check_vocabulary, data_config_of_run
+
+    model = H3LM.from_pretrained(args.model)
+    if args.examples:
+        examples, what = load_examples(args.examples), args.examples
+    else:
+        data = data_config_of_run(args.model) if args.task is None else None
+        if data is None:
+            name = args.task or "associative_recall"
+            if name in PAPER_TASKS:
+                data = SyntheticDataConfig.from_task(PAPER_TASKS[name])
+            else:
+                data = SyntheticDataConfig(task=name)
+        changes = {k: getattr(args, k) for k in ("vocab_size", "seq_len", "num_pairs", "num_queries", "n_test", "seed")}
+        data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
+        spec = data.spec()
+        check_vocabulary(model.config, spec)
+        examples = make_splits(spec, data.n_train, data.n_test, data.seed)[1]
+        what = (
+            f"{spec.name} (V {spec.vocab_size}, L {spec.seq_len}, pairs {spec.pairs}), test split of seed {data.seed}"
+        )
+    result = evaluate_examples(model, examples)
+    print(f"{args.model} on {what}: accuracy {100 * result['accuracy']:.2f}% over {result['examples']} examples, "
+          f"loss {result['loss']:.4f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "data": what, **result}, f, indent=1)
+    return 0
+
+
 def _bench_generate(args: argparse.Namespace) -> int:
     from .benchmarks.generate import GenerateBenchConfig, format_table, quick_config, run_generate_bench
 
@@ -146,11 +231,41 @@ def _bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_synthetic(args: argparse.Namespace) -> int:
+    from .benchmarks.synthetic import (
+        SyntheticBenchConfig,
+        format_table,
+        mqar_config,
+        plot,
+        quick_config,
+        run_synthetic_bench,
+    )
+
+    base = mqar_config() if args.mqar else quick_config() if args.quick else SyntheticBenchConfig()
+    cfg = from_overrides(SyntheticBenchConfig, args, base=base)
+    cfg.validate()
+    runs = len(cfg.runs())
+    print(
+        f"synthetic in-context learning: {', '.join(cfg.models)} x {', '.join(cfg.tasks)}, d_model "
+        f"{'/'.join(map(str, cfg.d_models))}, {len(cfg.seeds)} seed(s): {runs} runs of at most {cfg.steps} steps "
+        f"(batch {cfg.batch_size}, lr {cfg.lr or 'per task'}, loss on {cfg.loss_on} positions), stopping at "
+        f"{100 * cfg.stop_at:g}% test accuracy, {cfg.jobs} at a time; runs in {cfg.out}",
+        flush=True,
+    )
+    result = run_synthetic_bench(cfg, progress=True)
+    _report(result, format_table(result, markdown=args.markdown), args.json)
+    print(f"wall time {result['wall_seconds']:.0f} s (runs finished earlier in {cfg.out} were reused)")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    # For now the main job is the layer benchmark in its quick form; the synthetic-task reproduction
-    # replaces it once training exists.
-    ns = argparse.Namespace(quick=True, json=args.json, plot=args.plot, markdown=False)
-    return _bench_layer(ns)
+    # The main job: the paper's Table 1 on this machine, in about ten minutes.
+    plot = args.plot or f"{args.out or 'runs/demo'}/curves.png"
+    ns = argparse.Namespace(quick=True, mqar=False, json=args.json, plot=plot, markdown=False, out=args.out)
+    return _bench_synthetic(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,9 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hippos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job on its built-in default (quick layer benchmark)")
-    demo.add_argument("--json", help="also write the figures as JSON here")
-    demo.add_argument("--plot", help="also write a log-log plot (PNG) here")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: the paper's Table 1 (H3, S4D, attention, hybrid on associative recall and induction "
+        "head), about 10 minutes on 2 CPU cores",
+    )
+    demo.add_argument("--out", default=None, help="directory of the runs (default: runs/demo; finished runs reused)")
+    demo.add_argument("--json", help="also write the results as JSON here")
+    demo.add_argument("--plot", help="training curves (PNG; default: curves.png in the runs' directory)")
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming to the terminal")
@@ -185,6 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--n-head", type=int, default=None, help="attention heads (default: published table)")
     conv.set_defaults(func=_convert)
 
+    tr = sub.add_parser(
+        "train",
+        help="train a model from a TOML run file (configs/)",
+        description="Train a model. Any field of the run file can be overridden: --model.d_model 128, "
+        "--task.seq_len 40, --train.steps 500, ...",
+    )
+    tr.add_argument("--config", help="TOML run file with [model], [task] and [train] tables (see configs/)")
+    tr.add_argument("--out", required=True, help="run directory: log.jsonl, checkpoints, the trained model")
+    tr.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_train, takes_overrides=True)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval", required=True)
+    evs = ev.add_parser("synthetic", help="accuracy on a synthetic task's test split or on an examples file")
+    evs.add_argument("--model", required=True, help="save_pretrained directory (a `hippos train` --out)")
+    evs.add_argument("--task", default=None, help="associative_recall, induction_head, mqar or a paper preset "
+                     "(mqar_64, ...); default: the task the model was trained on")  # fmt: skip
+    for flag in ("vocab-size", "seq-len", "num-pairs", "num-queries", "n-test", "seed"):
+        evs.add_argument(f"--{flag}", type=int, default=None, help=f"the task's {flag.replace('-', '_')}")
+    evs.add_argument("--examples", help=".npz file of inputs, targets, graded (hippos.data.synthetic format)")
+    evs.add_argument("--json", help="also write the result as JSON here")
+    evs.set_defaults(func=_eval_synthetic)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     layer = bench.add_parser("layer", help="H3 layer vs attention vs the official plain path; streaming")
     layer.add_argument(
@@ -197,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--plot", help="write a log-log plot of time against L (PNG) here")
     add_arguments(layer, LayerBenchConfig)
     layer.set_defaults(func=_bench_layer)
+
+    from .benchmarks.synthetic import SyntheticBenchConfig
+
+    synb = bench.add_parser("synthetic", help="paper Table 1 (and --mqar: the MQAR grid): train and score")
+    synb.add_argument("--quick", action="store_true", help="one seed, what `hippos demo` runs")
+    synb.add_argument("--mqar", action="store_true", help="the MQAR grid: H3, hybrid, attention at d_model 64/128")
+    synb.add_argument("--json", help="write the results as JSON here")
+    synb.add_argument("--plot", help="write the training curves (PNG) here")
+    synb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    add_arguments(synb, SyntheticBenchConfig)
+    synb.set_defaults(func=_bench_synthetic)
 
     from .benchmarks.generate import GenerateBenchConfig
 
@@ -211,9 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hippos` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "takes_overrides", False) else args.func(args)
     except (ValueError, OSError, ImportError) as err:  # bad input, missing files, offline: no traceback
         print(f"hippos: error: {err}", file=sys.stderr)
         return 2

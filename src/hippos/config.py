@@ -71,8 +71,8 @@ def _check_toml_value(value, annotation, where: str):
     raise ValueError(f"{where} takes {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
-def load_run(path: str | None, sections: dict[str, type], overrides: list[str] = (), build=None) -> dict:
-    """{section: dataclass} from a TOML run file and `--section.field value` overrides.
+def load_run(path: str | dict | None, sections: dict[str, type], overrides: list[str] = (), build=None) -> dict:
+    """{section: dataclass} from a TOML run file (or its tables, already read) and `--section.field value` overrides.
 
     build: optional {section: callable(values dict) -> config} for sections built another way (a model
     section that names a preset, say); the values are type-checked against sections[name] first.
@@ -83,7 +83,9 @@ def load_run(path: str | None, sections: dict[str, type], overrides: list[str] =
         import tomli as tomllib
 
     raw: dict = {}
-    if path is not None:
+    if isinstance(path, dict):
+        raw, path = {name: dict(table) for name, table in path.items()}, "the run record"
+    elif path is not None:
         try:
             with open(path, "rb") as f:
                 raw = tomllib.load(f)

@@ -42,6 +42,12 @@ Multi-query associative recall ("mqar"; Zoology grid: V = 8192, (L, pairs) = (64
     Random guessing: 1 / (V/2). Differences from Zoology: uniform (not power-law) query distances, and the
     value is placed after each query so the targets are the plain next tokens.
 
+Files of examples
+-----------------
+`save_examples` writes, and `load_examples` reads, a NumPy .npz archive with three arrays of shape (n, T):
+`inputs` and `targets` (integer ids) and `graded` (bool), laid out as above. Examples made by any tool in
+that layout can be scored with `hippos eval synthetic --model DIR --examples FILE.npz`.
+
 Everything is drawn from an explicitly seeded torch.Generator (never the global RNG), so a seed fixes the data.
 This module depends only on torch, numpy and the standard library.
 """
@@ -347,3 +353,27 @@ def accuracy(
         raise ValueError("no graded positions to score")
     correct = logits.argmax(dim=-1).eq(targets.to(logits.device)) & graded.to(logits.device)
     return int(correct.sum()) / count
+
+
+def save_examples(path, examples: Examples) -> None:
+    """Write examples as a .npz archive of `inputs`, `targets` (int64) and `graded` (bool), each (n, T)."""
+    np.savez(path, inputs=examples.inputs.numpy(), targets=examples.targets.numpy(), graded=examples.graded.numpy())
+
+
+def load_examples(path) -> Examples:
+    """Read a .npz archive of `inputs`, `targets` and `graded` (n, T) arrays, checking names, shapes and types."""
+    with np.load(path, allow_pickle=False) as archive:
+        missing = {"inputs", "targets", "graded"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path} lacks the array(s) {sorted(missing)}; it needs inputs, targets and graded")
+        arrays = {name: archive[name] for name in ("inputs", "targets", "graded")}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"{path}: inputs, targets and graded must share one (n, T) shape, got {sorted(shapes)}")
+    for name in ("inputs", "targets"):
+        if not np.issubdtype(arrays[name].dtype, np.integer):
+            raise ValueError(f"{path}: {name} must hold integer token ids, got {arrays[name].dtype}")
+    if arrays["graded"].dtype != np.bool_:
+        raise ValueError(f"{path}: graded must be a bool array, got {arrays['graded'].dtype}")
+    return Examples(*(torch.from_numpy(arrays[n].astype(np.int64)) for n in ("inputs", "targets")),
+                    torch.from_numpy(arrays["graded"]))  # fmt: skip

@@ -194,13 +194,15 @@ def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | 
     """
     _check_conv_args(u, k, D)
     *lead, H, L = u.shape
+    if history is not None and history.shape[:-1] != u.shape[:-1]:
+        raise ValueError(f"history must be {(*u.shape[:-1], 'W')}, got {tuple(history.shape)}")
+    if history is None and k.shape[-1] > L:
+        k = k[..., :L]  # from zeros, taps beyond the sequence never touch it (short synthetic sequences)
     Lk = k.shape[-1]
-    T = max(Lk, 64)
+    T = max(Lk, min(64, L))  # blocks no longer than the sequence: no work on padding
     cdt = compute_dtype(u.dtype)
     uc = u.reshape(-1, H, L).to(cdt)
     R, nb = uc.shape[0], -(-L // T)
-    if history is not None and history.shape[:-1] != u.shape[:-1]:
-        raise ValueError(f"history must be {(*u.shape[:-1], 'W')}, got {tuple(history.shape)}")
     # Chunk c of the output needs input chunks c - 1 (prev) and c (cur): two views of one padded tensor,
     # laid out (H, R, T + nb T) so that the channel is the batch of the matmuls. Missing history is zero.
     x = uc.new_zeros(H, R, (nb + 1) * T)

@@ -85,13 +85,14 @@ def train(
     out_dir: str | Path,
     evaluate: Callable[[H3LM], dict] | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | str = True,
     extra: dict | None = None,
 ) -> dict:
     """Train `model` in place; write log.jsonl, checkpoints and the final model (save_pretrained) to out_dir.
 
     evaluate(model) -> metrics ({"accuracy": ..., ...}) runs every cfg.eval_every steps and at the end.
-    extra: JSON-ready facts about the run (task, data) written to run.json. Returns the final metrics.
+    extra: JSON-ready facts about the run (task, data) written to run.json. progress: a progress bar (a string
+    names it). Returns the final metrics.
     """
     cfg.validate()
     out = Path(out_dir)
@@ -122,7 +123,13 @@ def train(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=progress if isinstance(progress, str) else "train",
+            unit="step",
+            dynamic_ncols=True,
+        )
     micro = cfg.micro_batch_size or cfg.batch_size
     step, tokens, clock = start, 0, time.perf_counter()
     step_rng = torch.get_rng_state()
@@ -168,7 +175,8 @@ def train(
                     done = done or bool(reached)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+                    shown = {"loss": f"{loss_sum:.3f}", **{f"eval_{k}": f"{v:.3f}" for k, v in metrics.items()}}
+                    bar.set_postfix(shown, refresh=False)
                 if done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     checkpoint(step)
                 if done:
