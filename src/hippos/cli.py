@@ -254,7 +254,8 @@ def _bench_synthetic(args: argparse.Namespace) -> int:
     )
     result = run_synthetic_bench(cfg, progress=True)
     _report(result, format_table(result, markdown=args.markdown), args.json)
-    print(f"wall time {result['wall_seconds']:.0f} s (runs finished earlier in {cfg.out} were reused)")
+    reused = f"; {result['reused']} finished run(s) reused from {cfg.out}" if result["reused"] else ""
+    print(f"wall time {result['wall_seconds']:.0f} s{reused}")
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
