@@ -159,6 +159,12 @@ def run_name(task: str, model: str, d_model: int, seed: int) -> str:
     return f"{task}-{model}-d{d_model}-s{seed}"
 
 
+def _settings(cfg: SyntheticBenchConfig, job: dict) -> dict:
+    """The full settings of one run as JSON would give them back: what decides whether a result is reusable."""
+    model_cfg, data, train = job_configs(cfg, **job)
+    return json.loads(json.dumps({"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}))
+
+
 def _exit_with_parent() -> None:
     """In a worker: exit when the parent process dies (a hard kill must not leave runs training on)."""
     import threading
@@ -181,15 +187,16 @@ def _train_one(cfg: SyntheticBenchConfig, job: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     model_cfg, data, train = job_configs(cfg, **job)
     out = Path(cfg.out) / run_name(**job)
-    settings = {"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}
     start = time.perf_counter()
     metrics = run_synthetic(model_cfg, data, train, out, resume=True, progress=False)
     seconds = time.perf_counter() - start
     curve = [(r["step"], r["eval"]["accuracy"]) for r in _read_log(out) if "eval" in r]
     params = json.loads((out / "run.json").read_text())["parameters"]
     result = {**job, "accuracy": metrics.get("accuracy"), "steps": metrics["step"], "seconds": seconds,
-              "parameters": params, "curve": curve, "settings": settings}  # fmt: skip
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+              "parameters": params, "curve": curve, "settings": _settings(cfg, job)}  # fmt: skip
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "result.json")  # a half-written result never looks finished
     return result
 
 
@@ -212,9 +219,7 @@ def _finished(cfg: SyntheticBenchConfig, job: dict) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    model_cfg, data, train = job_configs(cfg, **job)
-    same = {"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}
-    return result if result.get("settings") == json.loads(json.dumps(same)) else None
+    return result if result.get("settings") == _settings(cfg, job) else None
 
 
 def run_synthetic_bench(cfg: SyntheticBenchConfig, progress: bool = True) -> dict:
