@@ -79,6 +79,26 @@ def test_loss_is_cross_entropy_ignoring_minus_100():
     torch.testing.assert_close(out.loss, expected)
 
 
+@pytest.mark.parametrize("variant", ["h3", "transformer"])
+def test_head_at_labelled_positions_only_gives_the_same_logits_loss_and_gradients(variant):
+    model = tiny(variant).double().train()
+    ids = torch.randint(0, 257, (3, 11))
+    labels = torch.full_like(ids, -100)
+    labels[:, [4, 7, 10]] = ids[:, [5, 8, 0]]  # a few graded positions, as in the recall tasks
+    full = model(ids, labels=labels)
+    sparse = model.loss(ids, labels)
+    torch.testing.assert_close(sparse, full.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.logits_at(ids, labels != -100), full.logits[labels != -100])
+    grads = torch.autograd.grad(full.loss, model.parameters())
+    sparse_grads = torch.autograd.grad(sparse, model.parameters())
+    for a, b in zip(grads, sparse_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="positions must be a bool tensor"):
+        model.logits_at(ids, labels)
+    with pytest.raises(ValueError, match="labels"):
+        model.loss(ids, labels[:, :5])
+
+
 def test_125m_parameter_count_matches_the_published_model():
     with torch.device("meta"):
         model = H3LM(H3Config.preset("H3-125M"))
@@ -188,9 +208,10 @@ def test_presets_match_the_published_table():
 
 
 def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+    # The submodule itself: huggingface_hub loads its attributes lazily, so `hub.constants` may not exist yet.
+    constants = pytest.importorskip("huggingface_hub.constants")
     # Offline mode makes huggingface_hub refuse at once instead of retrying a network that is not there.
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="could not reach the Hugging Face Hub for 'danfu09/H3-125M'.*offline"):
         H3LM.from_pretrained("danfu09/H3-125M")
 

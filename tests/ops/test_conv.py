@@ -10,14 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hippos.ops.conv as conv_module
-from hippos.ops import causal_conv_ref, fft_conv, next_fast_len, short_conv, short_conv_step
+from hippos.ops import causal_conv, causal_conv_ref, fft_conv, next_fast_len, short_conv, short_conv_step
 
 F64 = torch.float64
 H = 3
 LEADS = [(), (2,), (2, 2, 3)]  # u is (*lead, H, L): ranks 2, 3 and 5
 # (L, Lk): kernel shorter than, equal to and longer than the sequence; L = 1; odd and non power-of-two sizes.
-LENGTHS = [(1, 1), (1, 6), (2, 1), (7, 3), (9, 9), (13, 40), (64, 64), (97, 20), (100, 101)]
-OPS = {"fft_conv": fft_conv, "short_conv": short_conv}
+# (128, 128) and (130, 130) sit either side of causal_conv's switch from a Toeplitz matmul to the FFT.
+LENGTHS = [(1, 1), (1, 6), (2, 1), (7, 3), (9, 9), (13, 40), (64, 64), (97, 20), (100, 101), (128, 128), (130, 130)]
+OPS = {"fft_conv": fft_conv, "short_conv": short_conv, "causal_conv": causal_conv}
 
 
 def _inputs(lead, L, Lk, with_D=True):

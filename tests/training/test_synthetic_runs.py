@@ -44,7 +44,8 @@ def test_graded_loss_masks_everything_but_the_answers():
 
 
 def test_a_tiny_synthetic_run_learns_and_records_its_task(tmp_path):
-    cfg = TrainConfig(steps=600, batch_size=32, lr=5e-3, eval_every=25, checkpoint_every=0, target_accuracy=0.98)
+    cfg = TrainConfig(steps=600, batch_size=32, lr=5e-3, warmup_steps=50, eval_every=25, checkpoint_every=0,
+                      target_accuracy=0.98)  # fmt: skip
     result = run_synthetic(TINY, EASY, cfg, tmp_path, progress=False)
     assert result["accuracy"] >= 0.98 and result["step"] < 600  # learned and stopped early
     assert data_config_of_run(tmp_path) == EASY
@@ -102,6 +103,7 @@ loss_on = "graded"
 steps = 600
 batch_size = 32
 lr = 5e-3
+warmup_steps = 50
 eval_every = 25
 checkpoint_every = 100
 target_accuracy = 0.98

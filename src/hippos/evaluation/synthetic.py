@@ -34,8 +34,7 @@ def evaluate_examples(model: H3LM, examples: Examples, vocab_size: int | None = 
     try:
         for i in range(0, n, batch_size):
             x, y, g = examples.select(slice(i, i + batch_size)).to(device)
-            logits = model(x).logits[..., :vocab_size].float()
-            picked, answers = logits[g], y[g]
+            picked, answers = model.logits_at(x, g)[:, :vocab_size].float(), y[g]
             correct += int((picked.argmax(-1) == answers).sum())
             count += answers.numel()
             loss_sum += float(F.cross_entropy(picked, answers, reduction="sum"))

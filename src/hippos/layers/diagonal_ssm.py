@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import (
+    causal_conv,
     compute_dtype,
     diag_final_state,
     diag_kernel,
@@ -15,7 +16,6 @@ from ..ops import (
     diag_state_outputs,
     diag_step_prepared,
     discretize,
-    fft_conv,
     ssm_A,
     step_output_weights,
 )
@@ -59,8 +59,9 @@ class DiagonalSSM(nn.Module):
 
     Complex parameters are stored as real (..., 2) pairs (re, im), the layout of the official checkpoints.
     State: the complex SSM state (..., H, M), M = d_state / 2 (complex64, complex128 for float64 inputs).
-    `mode` picks how `forward` runs: "fft" (convolution with the whole kernel), "chunked" (FlashConv state
-    passing) or "auto" (the faster of the two for the length at hand). All give the same result.
+    `mode` picks how `forward` runs: "fft" (convolution with the whole kernel: `causal_conv`, an FFT or for
+    short sequences a Toeplitz matmul), "chunked" (FlashConv state passing) or "auto" (the faster of the two
+    for the length at hand). All give the same result.
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class DiagonalSSM(nn.Module):
         if self.resolve_mode(L) == "chunked":
             y, new_state = diag_ssm_chunked(u, dA, dB, C, skip, state, self.chunk)
             return y, (new_state if return_state else None)
-        y = fft_conv(u, diag_kernel(dA, dB, C, L), skip)
+        y = causal_conv(u, diag_kernel(dA, dB, C, L), skip)
         if state is not None:
             y = y + diag_state_outputs(state, dA, C, L, u.dtype, self.chunk)
         new_state = diag_final_state(u, dA, dB, state, self.chunk) if return_state else None

@@ -155,6 +155,22 @@ class H3LM(nn.Module):
         labels (B, L): next-token targets already aligned with the logits (-100 is ignored). attention_mask
         (B, L): 1 for real tokens, 0 for padding (left padding when states are kept).
         """
+        h, new_state = self.hidden_states(input_ids, attention_mask, state, return_state)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            self._check_labels(labels, input_ids)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss, new_state if return_state else None)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        state: list | None = None,
+        return_state: bool = False,
+    ) -> tuple[Tensor, list]:
+        """input_ids (B, L) -> (final-norm output (B, L, D) that the LM head reads, every block's state)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, length >= 1), got shape {tuple(input_ids.shape)}")
         self._check_ids(input_ids)
@@ -165,13 +181,29 @@ class H3LM(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             x, s = block(x, state[i] if state is not None else None, return_state, mask=attention_mask)
             new_state.append(s)
-        logits = self.lm_head(self.backbone.ln_f(x))
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return LMOutput(logits, loss, new_state if return_state else None)
+        return self.backbone.ln_f(x), new_state
+
+    def logits_at(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """input_ids (B, L), positions (B, L) bool -> logits (N, padded vocab) at the N true positions.
+
+        The head over a large vocabulary dominates a small model's cost; tasks graded at a few positions
+        (synthetic recall, MQAR) need it only there.
+        """
+        if positions.shape != input_ids.shape or positions.dtype != torch.bool:
+            raise ValueError(f"positions must be a bool tensor of shape {tuple(input_ids.shape)}")
+        h, _ = self.hidden_states(input_ids)
+        return self.lm_head(h[positions])
+
+    def loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over labels != -100: `forward(input_ids, labels).loss`, with the head only there."""
+        self._check_labels(labels, input_ids)
+        keep = labels != -100
+        return F.cross_entropy(self.logits_at(input_ids, keep).float(), labels[keep])
+
+    @staticmethod
+    def _check_labels(labels: Tensor, input_ids: Tensor) -> None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
 
     def step(self, input_ids: Tensor, state: list) -> tuple[Tensor, list]:
         """One token per sequence; input_ids (B,) -> (logits (B, padded vocab), new state)."""

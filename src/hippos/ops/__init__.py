@@ -3,7 +3,7 @@
 Every fast path has a readable reference with the same meaning (`*_ref`), and the tests hold them equal.
 """
 
-from .conv import causal_conv_ref, compute_dtype, fft_conv, next_fast_len, short_conv, short_conv_step
+from .conv import causal_conv, causal_conv_ref, compute_dtype, fft_conv, next_fast_len, short_conv, short_conv_step
 from .diagonal import (
     diag_kernel,
     diag_kernel_ref,
@@ -30,6 +30,7 @@ __all__ = [
     "diag_step",
     "diag_step_prepared",
     "discretize",
+    "causal_conv",
     "fft_conv",
     "next_fast_len",
     "shift_kernel",

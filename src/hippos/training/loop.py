@@ -142,10 +142,12 @@ def train(
                 total, loss_sum = max(1, _labelled(targets)), 0.0
                 for i in range(0, inputs.shape[0], micro):
                     x, y = inputs[i : i + micro], targets[i : i + micro]
-                    with _autocast(cfg):
-                        loss = model(x, labels=y).loss
-                    # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
                     share = _labelled(y) / total
+                    if share == 0:  # nothing to learn here (the mean over no tokens would be NaN)
+                        continue
+                    with _autocast(cfg):
+                        loss = model.loss(x, y)  # the head only where a label is: cheap for sparse tasks
+                    # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
                     (loss * share).backward()
                     loss_sum += loss.item() * share
                 grad_norm = None
