@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -133,51 +134,69 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train_sections(args: argparse.Namespace, overrides: list[str]) -> dict:
-    """The run's typed sections: from --config (or, with --resume alone, the run's own run.json) + overrides."""
+    """The run's typed sections: from --config (or, with --resume alone, the run's own run.json) + overrides.
+
+    A [data] table makes it a language-modeling run, a [task] table a synthetic one.
+    """
     from pathlib import Path
 
-    from .config import load_run
+    from .config import load_run, read_run_file
+    from .data.tokenizers import load_tokenizer
     from .models import H3Config
     from .training import TrainConfig
-    from .training.synthetic import SyntheticDataConfig, model_config
+    from .training.lm import LMDataConfig
+    from .training.synthetic import SyntheticDataConfig
 
-    sections = {"model": H3Config, "task": SyntheticDataConfig, "train": TrainConfig}
     path = args.config
     if path is None:
         recorded = Path(args.out) / "run.json"
         if not (args.resume and recorded.is_file()):
             raise ValueError("give --config FILE (see configs/), or --resume with an --out directory holding run.json")
         path = _recorded_tables(recorded)
-    # The model table is built once the task is known: its vocabulary comes from the task by default.
-    run = load_run(path, sections, overrides, build={"model": dict})
-    run["model"] = model_config(run["model"], run["task"].spec().model_vocab_size)
+    tables = path if isinstance(path, dict) else read_run_file(path)
+    lm = "data" in tables
+    second = {"data": LMDataConfig} if lm else {"task": SyntheticDataConfig}
+    # The model table is built once the data is known: its vocabulary comes from the data by default.
+    run = load_run(path, {"model": H3Config, **second, "train": TrainConfig}, overrides, build={"model": dict})
+    vocab = load_tokenizer(run["data"].tokenizer).vocab_size if lm else run["task"].spec().model_vocab_size
+    run["model"] = H3Config.from_table(run["model"], vocab)
     return run
 
 
 def _recorded_tables(path) -> dict:
-    """A run.json's model, task and train tables, as a run file would hold them (for --resume alone)."""
+    """A run.json's model, data (or task) and train tables, as a run file would hold them (for --resume alone)."""
     with open(path) as f:
         record = json.load(f)
     model = {k: v for k, v in record["model"].items() if k != "model_type"}
-    return {"model": model, "task": record["data"], "train": record["train"]}
+    second = "task" if "task" in record["data"] else "data"  # a synthetic run records its task as "data"
+    return {"model": model, second: record["data"], "train": record["train"]}
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .training.lm import run_lm
     from .training.synthetic import run_synthetic
 
     run = _train_sections(args, overrides)
-    model, task, train = run["model"], run["task"], run["train"]
-    spec = task.spec()
+    model, train = run["model"], run["train"]
     mixers = ", ".join(model.mixer(i) for i in range(model.n_layer))
-    print(
-        f"training {model.n_layer}-layer d_model {model.d_model} ({mixers})"
-        f" on {spec.name} (V {spec.vocab_size}, L {spec.seq_len}): {train.steps} steps of {train.batch_size}, "
-        f"lr {train.lr:g}, on {train.device} -> {args.out}",
-        flush=True,
+    if "data" in run:
+        what = f"text ({', '.join(run['data'].train)}; tokenizer {run['data'].tokenizer}, L {run['data'].seq_len})"
+    else:
+        spec = run["task"].spec()
+        what = f"{spec.name} (V {spec.vocab_size}, L {spec.seq_len})"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"training {model.n_layer}-layer d_model {model.d_model} ({mixers}) on {what}: {train.steps} steps of "
+            f"{train.batch_size}, lr {train.lr:g}, on {train.device} -> {args.out}",
+            flush=True,
+        )
+    runner = run_lm if "data" in run else run_synthetic
+    metrics = runner(
+        model, run.get("data") or run["task"], train, args.out, resume=args.resume, progress=not args.quiet
     )
-    metrics = run_synthetic(model, task, train, args.out, resume=args.resume, progress=not args.quiet)
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"done: {shown}; the model loads with hippos.H3LM.from_pretrained({args.out!r})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"done: {shown}; the model loads with hippos.H3LM.from_pretrained({args.out!r})")
     return 0
 
 
@@ -214,6 +233,54 @@ def _eval_synthetic(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "data": what, **result}, f, indent=1)
+    return 0
+
+
+def _model_tokenizer(model_dir: str, config) -> str:
+    """The tokenizer a model was trained with (its run.json), else bytes for a 257-id vocabulary, else GPT-2's."""
+    from pathlib import Path
+
+    record = Path(model_dir) / "run.json"
+    if record.is_file():
+        data = json.loads(record.read_text()).get("data", {})
+        if isinstance(data, dict) and "tokenizer" in data:
+            return data["tokenizer"]
+    return "bytes" if config.vocab_size == 257 else "gpt2"
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.text import tokenize_corpus
+    from .data.tokenizers import load_tokenizer
+    from .evaluation.perplexity import perplexity
+    from .models import H3LM
+    from .training.lm import check_tokenizer_fits
+
+    model = H3LM.from_pretrained(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.tokenizer or _model_tokenizer(args.model, model.config))
+    check_tokenizer_fits(model.config, tokenizer)
+    corpus = tokenize_corpus(args.data, tokenizer, args.cache_dir, args.text_field, progress=not args.quiet)
+    tokens = corpus.concatenated()
+    stride = args.stride or args.context
+    with torch.inference_mode():
+        result = perplexity(model, tokens, args.context, stride, args.batch_size, corpus.num_bytes, not args.quiet)
+    print(f"{args.model} on {', '.join(args.data)} ({tokenizer.name} tokens, context {args.context}, stride {stride}): "
+          f"perplexity {result['perplexity']:.3f}, {result['loss']:.4f} nats/token, "
+          f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "data": args.data, "tokenizer": tokenizer.name, "context": args.context,
+                       "stride": stride, **result}, f, indent=1)  # fmt: skip
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from .data.tokenizers import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(args.data, args.vocab_size, args.out, args.text_field, args.min_frequency, not args.quiet)
+    print(f"trained a byte-level BPE tokenizer of {tok.vocab_size} ids -> {args.out} "
+          f"(use it with --data.tokenizer {args.out} or --tokenizer {args.out})")  # fmt: skip
     return 0
 
 
@@ -310,9 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model from a TOML run file (configs/)",
         description="Train a model. Any field of the run file can be overridden: --model.d_model 128, "
-        "--task.seq_len 40, --train.steps 500, ...",
+        "--task.seq_len 40, --data.seq_len 512, --train.steps 500, ... Several processes: torchrun "
+        "--nproc_per_node N -m hippos train ...",
     )
-    tr.add_argument("--config", help="TOML run file with [model], [task] and [train] tables (see configs/)")
+    tr.add_argument("--config", help="TOML run file: [model], [train] and either [task] (a synthetic task) or "
+                    "[data] (text: language modeling); see configs/")  # fmt: skip
     tr.add_argument("--out", required=True, help="run directory: log.jsonl, checkpoints, the trained model")
     tr.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -328,6 +397,32 @@ def build_parser() -> argparse.ArgumentParser:
     evs.add_argument("--examples", help=".npz file of inputs, targets, graded (hippos.data.synthetic format)")
     evs.add_argument("--json", help="also write the result as JSON here")
     evs.set_defaults(func=_eval_synthetic)
+    evp = ev.add_parser("ppl", help="perplexity and bits per byte on text, with a sliding window")
+    evp.add_argument("--model", required=True, help="save_pretrained directory, Hub id or official .pt file")
+    evp.add_argument("--data", required=True, nargs="+", help="text files, folders, globs, .jsonl or hf:NAME[:SPLIT]")
+    evp.add_argument("--tokenizer", default=None, help="bytes, a Hugging Face name or a folder (default: the "
+                     "model's own from its run.json, else bytes for 257 ids, else gpt2)")  # fmt: skip
+    evp.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")
+    evp.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the context)")
+    evp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    evp.add_argument("--text-field", default="text", help="the text's field in .jsonl files and datasets")
+    evp.add_argument(
+        "--cache-dir", default=None, help="tokenized text cache (default $HIPPOS_CACHE or ~/.cache/hippos)"
+    )
+    evp.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evp.add_argument("--json", help="also write the result as JSON here")
+    evp.add_argument("--quiet", action="store_true", help="no progress bars")
+    evp.set_defaults(func=_eval_ppl)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer", required=True)
+    tokt = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus (the tokenizers library)")
+    tokt.add_argument("--data", required=True, nargs="+", help="text files, folders, globs, .jsonl or hf:NAME[:SPLIT]")
+    tokt.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, end-of-text included")
+    tokt.add_argument("--out", required=True, help="folder for tokenizer.json (loads with --tokenizer FOLDER)")
+    tokt.add_argument("--min-frequency", type=int, default=2, help="a merge must occur this often (default 2)")
+    tokt.add_argument("--text-field", default="text", help="the text's field in .jsonl files and datasets")
+    tokt.add_argument("--quiet", action="store_true", help="no progress bar")
+    tokt.set_defaults(func=_tokenizer_train)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     layer = bench.add_parser("layer", help="H3 layer vs attention vs the official plain path; streaming")
@@ -375,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as err:  # bad input, missing files, offline: no traceback
         print(f"hippos: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training has written a checkpoint of every finished step by now
+        resume = " (continue with --resume)" if getattr(args, "func", None) is _train else ""
+        print(f"\nhippos: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -71,26 +71,31 @@ def _check_toml_value(value, annotation, where: str):
     raise ValueError(f"{where} takes {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
+def read_run_file(path) -> dict:
+    """The tables of a TOML run file; a clear error when it is not valid TOML."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+
+
 def load_run(path: str | dict | None, sections: dict[str, type], overrides: list[str] = (), build=None) -> dict:
     """{section: dataclass} from a TOML run file (or its tables, already read) and `--section.field value` overrides.
 
     build: optional {section: callable(values dict) -> config} for sections built another way (a model
     section that names a preset, say); the values are type-checked against sections[name] first.
     """
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-
     raw: dict = {}
     if isinstance(path, dict):
         raw, path = {name: dict(table) for name, table in path.items()}, "the run record"
     elif path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path} is not valid TOML: {err}") from None
+        raw = read_run_file(path)
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ValueError(f"unknown section(s) {unknown} in {path}; known: {sorted(sections)}")

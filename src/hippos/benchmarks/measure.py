@@ -19,6 +19,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
+from ..training.flops import matmul_tflops
+
 
 def sync(device: torch.device | str) -> None:
     """Wait for queued kernels on an accelerator so that wall time covers them."""
@@ -125,9 +127,7 @@ def format_cells(cells: list[list[str]], markdown: bool = False) -> list[str]:
 
 def matmul_gflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
     """Measured fp32 matmul rate (GFLOP/s) of this machine: the floor of every FLOP count."""
-    a = torch.randn(size, size, device=device)
-    seconds = median_time(lambda: a @ a, repeats, device)
-    return 2 * size**3 / seconds / 1e9
+    return 1e3 * matmul_tflops(device, size, repeats)
 
 
 def memory_bandwidth(device="cpu", gib: float = 1.0, repeats: int = 7) -> float:

@@ -75,3 +75,60 @@ def load_tokenizer(name: str = "bytes") -> ByteTokenizer | HFTokenizer:
             "download it elsewhere and pass its directory, or use --tokenizer bytes."
         ) from err
     return HFTokenizer(tok, name)
+
+
+def train_bpe_tokenizer(
+    specs: str | list[str],
+    vocab_size: int,
+    out_dir,
+    text_field: str = "text",
+    min_frequency: int = 2,
+    progress: bool = True,
+) -> HFTokenizer:
+    """Train a byte-level BPE tokenizer (the `tokenizers` library) on text sources; save it to out_dir.
+
+    The folder (tokenizer.json + tokenizer_config.json) loads with `load_tokenizer(out_dir)` and with
+    transformers' AutoTokenizer. Its end-of-text token is "<|endoftext|>", the last id of the vocabulary.
+    """
+    import json
+    from pathlib import Path
+
+    from .text import find_sources, iter_documents
+
+    if vocab_size < 257 + 1:
+        raise ValueError(f"vocab_size {vocab_size} must exceed the 256 byte tokens and end-of-text: at least 258")
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise ImportError(
+            "training a tokenizer needs the tokenizers package: pip install 'hungry-hippos[hf]'"
+        ) from None
+    sources = find_sources(specs)
+    seen = {"chars": 0}
+
+    def texts():
+        for source in sources:
+            for blocks in iter_documents(source, text_field):
+                seen["chars"] += sum(len(b) for b in blocks)
+                yield from blocks
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # the end-of-text token comes last, after the merges
+        min_frequency=min_frequency,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(texts(), trainer=trainer)
+    if seen["chars"] == 0:
+        raise ValueError(f"no text in {', '.join(s.describe() for s in sources)}: nothing to train a tokenizer on")
+    tok.add_special_tokens(["<|endoftext|>"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+              "bos_token": "<|endoftext|>", "unk_token": None, "model_max_length": 1 << 30}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return load_tokenizer(str(out))

@@ -113,6 +113,14 @@ class H3Config:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
+    @classmethod
+    def from_table(cls, values: dict, vocab_size: int) -> H3Config:
+        """From a run file's [model] table: an optional `preset`, then fields; vocab_size from the data unless set."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        values.setdefault("vocab_size", vocab_size)
+        return cls.preset(preset, **values) if preset else cls(**values)
+
 
 PRESETS = {
     # The published models (REFERENCE section 2). Pure H3 / Transformer variants: change attn_layer_idx.

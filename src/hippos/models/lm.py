@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import H3, S4D, MultiHeadAttention
 from ..layers.decode_linear import decode_linear
@@ -110,6 +111,7 @@ class H3LM(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embeddings.word_embeddings.weight  # tied
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -178,8 +180,13 @@ class H3LM(nn.Module):
             raise ValueError(f"state has {len(state)} entries for {self.config.n_layer} layers")
         x = self.backbone.drop(self.backbone.embeddings(input_ids))
         new_state = []
+        # Activation checkpointing: keep only each block's input, recompute the block in backward.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None
         for i, block in enumerate(self.backbone.layers):
-            x, s = block(x, state[i] if state is not None else None, return_state, mask=attention_mask)
+            if recompute:
+                x, s = checkpoint(block, x, None, return_state, mask=attention_mask, use_reentrant=False)
+            else:
+                x, s = block(x, state[i] if state is not None else None, return_state, mask=attention_mask)
             new_state.append(s)
         return self.backbone.ln_f(x), new_state
 

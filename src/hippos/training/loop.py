@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..models import H3LM
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .distributed import Distributed, all_sum, broadcast, loss_module, no_sync
 from .optim import SCHEDULES, lr_factor, make_optimizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -46,6 +47,8 @@ class TrainConfig:
     seed: int = 0  # seed of the model initialisation, data order and dropout
     device: str = "cpu"  # torch device
     precision: str = "auto"  # autocast: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16
+    peak_tflops: float = 0.0  # the device's peak TFLOP/s for the MFU in the log (0: none; LM runs on a CPU measure it)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
     def validate(self) -> None:
         """Refuse inconsistent settings before any work."""
@@ -87,17 +90,25 @@ def train(
     resume: bool = False,
     progress: bool | str = True,
     extra: dict | None = None,
+    flops_per_token: float = 0.0,
+    where: Distributed | None = None,
 ) -> dict:
     """Train `model` in place; write log.jsonl, checkpoints and the final model (save_pretrained) to out_dir.
 
     evaluate(model) -> metrics ({"accuracy": ..., ...}) runs every cfg.eval_every steps and at the end.
     extra: JSON-ready facts about the run (task, data) written to run.json. progress: a progress bar (a string
-    names it). Returns the final metrics.
+    names it). flops_per_token: model FLOPs per trained token, for TFLOP/s (and MFU with cfg.peak_tflops) in
+    the log. where: this process's rank when torchrun started several; batch_at then gives this rank's share
+    of each global batch, rank 0 evaluates and writes every file. Returns the final metrics.
     """
     cfg.validate()
+    where = where or Distributed()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if where.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     model.to(cfg.device).train()
+    model.gradient_checkpointing = cfg.activation_checkpointing
+    net = loss_module(model, where)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     factor = lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -111,16 +122,19 @@ def train(
         start, metrics = ckpt["step"], ckpt.get("metrics", {})
     elif not resume:
         torch.manual_seed(cfg.seed)
-    (out / "run.json").write_text(json.dumps({"train": asdict(cfg), "model": model.config.to_dict(), **(extra or {})},
-                                             indent=1))  # fmt: skip
+    if where.is_main:
+        record = {"train": asdict(cfg), "model": model.config.to_dict(), "world_size": where.world_size}
+        (out / "run.json").write_text(json.dumps({**record, **(extra or {})}, indent=1))
 
     def checkpoint(step: int, rng: Tensor | None = None) -> None:
+        if not where.is_main:
+            return
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
         rng = torch.get_rng_state() if rng is None else rng
         save_checkpoint(out, {**state, "rng": rng, "step": step, "metrics": metrics})
 
     bar = None
-    if progress:
+    if progress and where.is_main:
         from tqdm import tqdm
 
         bar = tqdm(
@@ -133,7 +147,7 @@ def train(
     micro = cfg.micro_batch_size or cfg.batch_size
     step, tokens, clock = start, 0, time.perf_counter()
     step_rng = torch.get_rng_state()
-    with open(out / "log.jsonl", "a") as log:
+    with open(out / "log.jsonl", "a") if where.is_main else contextlib.nullcontext() as log:
         try:
             while step < cfg.steps:
                 step_rng = torch.get_rng_state()  # an interrupted step restarts from here
@@ -144,11 +158,13 @@ def train(
                     x, y = inputs[i : i + micro], targets[i : i + micro]
                     share = _labelled(y) / total
                     if share == 0:  # nothing to learn here (the mean over no tokens would be NaN)
+                        if where.enabled:  # a rank that skipped would leave the others waiting in backward
+                            raise ValueError(f"step {step}: a micro-batch without labels on rank {where.rank}")
                         continue
-                    with _autocast(cfg):
-                        loss = model.loss(x, y)  # the head only where a label is: cheap for sparse tasks
-                    # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
-                    (loss * share).backward()
+                    with no_sync(net, last=i + micro >= inputs.shape[0]), _autocast(cfg):
+                        loss = net(x, y)  # model.loss: the head only where a label is, cheap for sparse tasks
+                        # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
+                        (loss * share).backward()
                     loss_sum += loss.item() * share
                 grad_norm = None
                 if cfg.grad_clip:
@@ -157,24 +173,33 @@ def train(
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                tokens += inputs.numel()
+                tokens += inputs.numel() * where.world_size
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    elapsed = time.perf_counter() - clock
+                    loss_sum = all_sum(loss_sum, where) / where.world_size  # every rank's share of the batch
+                    rate = tokens / max(time.perf_counter() - clock, 1e-9)
                     record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
-                              "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}  # fmt: skip
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                              "grad_norm": grad_norm, "tokens_per_s": rate}  # fmt: skip
+                    if flops_per_token:
+                        record["tflops"] = rate * flops_per_token / 1e12
+                        if cfg.peak_tflops:
+                            record["mfu"] = record["tflops"] / (cfg.peak_tflops * where.world_size)
+                    if where.is_main:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                     tokens, clock = 0, time.perf_counter()
                 done = step == cfg.steps
                 if evaluate is not None and (done or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    model.eval()
-                    with torch.no_grad():
-                        metrics = {k: float(v) for k, v in evaluate(model).items()}
-                    model.train()
-                    log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-                    log.flush()
+                    if where.is_main:
+                        model.eval()
+                        with torch.no_grad():
+                            metrics = {k: float(v) for k, v in evaluate(model).items()}
+                        model.train()
+                        log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+                        log.flush()
+                    metrics = broadcast(metrics, where)  # every rank stops early together
                     reached = cfg.target_accuracy and metrics.get("accuracy", 0.0) >= cfg.target_accuracy
                     done = done or bool(reached)
+                    clock = time.perf_counter()  # the evaluation's time is not training time
                 if bar is not None:
                     bar.update(1)
                     shown = {"loss": f"{loss_sum:.3f}", **{f"eval_{k}": f"{v:.3f}" for k, v in metrics.items()}}
@@ -190,5 +215,6 @@ def train(
             if bar is not None:
                 bar.close()
     model.eval()
-    model.save_pretrained(out)
+    if where.is_main:
+        model.save_pretrained(out)
     return {"step": step, **metrics}

@@ -82,15 +82,6 @@ class EpochBatches:
         return self.examples.inputs[index], self.targets[index]
 
 
-def model_config(values: dict, vocab_size: int) -> H3Config:
-    """H3Config from a run file's [model] table: optional `preset`, then fields; vocab_size from the data
-    unless the table sets it."""
-    values = dict(values)
-    preset = values.pop("preset", None)
-    values.setdefault("vocab_size", vocab_size)
-    return H3Config.preset(preset, **values) if preset else H3Config(**values)
-
-
 def check_vocabulary(config: H3Config, task: SyntheticTask) -> None:
     """Refuse a model whose vocabulary cannot hold the task's ids."""
     if config.vocab_size < task.model_vocab_size:
