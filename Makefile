@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,plot,hf,data]"
+	$(BIN)/python -m pip install -q -e ".[dev,plot,hf,data,eval]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -13,6 +13,14 @@ from torch import Tensor
 from hippos.ops import discretize, ssm_A
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Tokenized text goes to a temporary folder, never the user's ~/.cache/hippos (workers inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HIPPOS_CACHE", str(tmp_path_factory.mktemp("hippos-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     """Every test starts from the same global torch RNG state, so failures reproduce."""

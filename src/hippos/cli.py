@@ -275,6 +275,21 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_harness(args: argparse.Namespace) -> int:
+    from .evaluation.harness import run_harness
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    out = run_harness(args.model, tasks, args.tokenizer, args.include_path, args.limit, args.batch_size, args.device)
+    for task, metrics in out["results"].items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)  # fmt: skip
+        print(f"{task}: {shown}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "results": out["results"]}, f, indent=1, default=str)
+    return 0
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from .data.tokenizers import train_bpe_tokenizer
 
@@ -320,12 +335,40 @@ def _bench_synthetic(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = run_synthetic_bench(cfg, progress=True)
-    _report(result, format_table(result, markdown=args.markdown), args.json)
-    reused = f"; {result['reused']} finished run(s) reused from {cfg.out}" if result["reused"] else ""
+    return _report_runs(result, format_table(result, markdown=args.markdown), args, cfg.out, plot)
+
+
+def _report_runs(result: dict, table: str, args: argparse.Namespace, out: str, plot) -> int:
+    """A training benchmark's table, the runs it reused and its wall time; its JSON record and plot if asked."""
+    _report(result, table, args.json)
+    reused = f"; {result['reused']} finished run(s) reused from {out}" if result["reused"] else ""
     print(f"wall time {result['wall_seconds']:.0f} s{reused}")
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_lm(args: argparse.Namespace) -> int:
+    from .benchmarks.lm import LMBenchConfig, format_table, plot, run_lm_bench
+
+    cfg = from_overrides(LMBenchConfig, args)
+    cfg.validate()
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    print(f"language modeling: {', '.join(cfg.models)} on {', '.join(cfg.datasets)}, d_model {cfg.d_model}, "
+          f"{tokens:,} training tokens each, {cfg.jobs} at a time; runs in {cfg.out}", flush=True)  # fmt: skip
+    result = run_lm_bench(cfg, progress=True)
+    return _report_runs(result, format_table(result, markdown=args.markdown), args, cfg.out, plot)
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from .benchmarks.train_speed import TrainBenchConfig, format_table, run_train_bench
+
+    cfg = from_overrides(TrainBenchConfig, args)
+    print(f"training speed at the {cfg.preset} shape: {', '.join(cfg.models)}, lengths "
+          f"{', '.join(map(str, cfg.lengths))}, batch {cfg.batch}, on {cfg.device}", flush=True)  # fmt: skip
+    result = run_train_bench(cfg, progress=_progress_bar("train bench"))
+    _report(result, format_table(result, markdown=args.markdown), args.json)
     return 0
 
 
@@ -414,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--quiet", action="store_true", help="no progress bars")
     evp.set_defaults(func=_eval_ppl)
 
+    evh = ev.add_parser("harness", help="lm-evaluation-harness tasks through the Hugging Face wrapper")
+    evh.add_argument("--model", required=True, help="save_pretrained folder or `hippos train` run directory")
+    evh.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    evh.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer name or folder (default: the model's)")
+    evh.add_argument("--include-path", default=None, help="folder of task YAML files (local tasks, offline data)")
+    evh.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    evh.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (default 1)")
+    evh.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evh.add_argument("--json", help="also write the results as JSON here")
+    evh.set_defaults(func=_eval_harness)
+
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer", required=True)
     tokt = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus (the tokenizers library)")
     tokt.add_argument("--data", required=True, nargs="+", help="text files, folders, globs, .jsonl or hf:NAME[:SPLIT]")
@@ -447,6 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
     synb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     add_arguments(synb, SyntheticBenchConfig)
     synb.set_defaults(func=_bench_synthetic)
+
+    from .benchmarks.lm import LMBenchConfig
+    from .benchmarks.train_speed import TrainBenchConfig
+
+    trb = bench.add_parser("train", help="forward+backward speed: H3, hybrid vs HF GPT-2 at the 125M shape")
+    trb.add_argument("--json", help="write the results as JSON here")
+    trb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    add_arguments(trb, TrainBenchConfig)
+    trb.set_defaults(func=_bench_train)
+
+    lmb = bench.add_parser("lm", help="language modeling on text: Transformer, H3, hybrid, S4D at ~7M parameters")
+    lmb.add_argument("--json", help="write the results as JSON here")
+    lmb.add_argument("--plot", help="write the loss curves (PNG) here")
+    lmb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    add_arguments(lmb, LMBenchConfig)
+    lmb.set_defaults(func=_bench_lm)
 
     from .benchmarks.generate import GenerateBenchConfig
 

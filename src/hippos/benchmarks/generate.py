@@ -50,21 +50,25 @@ def hippos_config(kind: str, preset: str) -> H3Config:
     return H3Config.preset(preset, attn_layer_idx=attn)
 
 
-def _build(kind: str, cfg: GenerateBenchConfig):
-    torch.manual_seed(cfg.seed)
+def build_model(kind: str, preset: str, n_positions: int, device="cpu", seed: int = 0):
+    """One of MODELS at a preset's width and depth, random weights, eval mode (GPT-2 with n_positions)."""
+    torch.manual_seed(seed)
     if kind != "gpt2":
-        return H3LM(hippos_config(kind, cfg.preset)).to(cfg.device).eval()
+        return H3LM(hippos_config(kind, preset)).to(device).eval()
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise ImportError("the GPT-2 baseline needs transformers: pip install 'hungry-hippos[hf]'") from None
-    c = H3Config.preset(cfg.preset)
+    c = H3Config.preset(preset)
     gpt = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=max(cfg.prompts) + cfg.new_tokens, n_embd=c.d_model,
-        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_width, bos_token_id=c.vocab_size - 1,
-        eos_token_id=c.vocab_size - 1,
+        vocab_size=c.vocab_size, n_positions=n_positions, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=c.mlp_width, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
     )  # fmt: skip
-    return GPT2LMHeadModel(gpt).to(cfg.device).eval()
+    return GPT2LMHeadModel(gpt).to(device).eval()
+
+
+def _build(kind: str, cfg: GenerateBenchConfig):
+    return build_model(kind, cfg.preset, max(cfg.prompts) + cfg.new_tokens, cfg.device, cfg.seed)
 
 
 def _runner(kind: str, model):

@@ -10,12 +10,9 @@ re-running after Ctrl-C loses nothing.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
-import os
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from ..data.synthetic import PAPER_TASKS
@@ -23,6 +20,7 @@ from ..models import H3Config
 from ..training import TrainConfig
 from ..training.synthetic import LOSS_ON, SyntheticDataConfig, run_synthetic
 from .measure import format_cells, machine_info
+from .runs import read_log, run_all
 
 # The table's rows: how each model's two layers mix the sequence.
 # H3 layers are multi-head (REFERENCE 1, head_dim 8): with head_dim 1 a 2-layer H3 stays near 60% on
@@ -167,136 +165,36 @@ def _settings(cfg: SyntheticBenchConfig, job: dict) -> dict:
     return json.loads(json.dumps({"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}))
 
 
-def _exit_with_parent() -> None:
-    """In a worker: exit when the parent process dies (a hard kill must not leave runs training on)."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _train_one(cfg: SyntheticBenchConfig, job: dict, threads: int) -> dict:
-    """Worker: train one run (resuming it if interrupted) and write its result.json; returns the result."""
-    import torch
-
-    _exit_with_parent()
-    torch.set_num_threads(threads)
+def _train_one(cfg: SyntheticBenchConfig, job: dict) -> dict:
+    """Worker: train one run, resuming it if interrupted; returns its result fields."""
     model_cfg, data, train = job_configs(cfg, **job)
     out = Path(cfg.out) / run_name(**job)
-    start = time.perf_counter()
     metrics = run_synthetic(model_cfg, data, train, out, resume=True, progress=False)
-    seconds = time.perf_counter() - start
-    curve = [(r["step"], r["eval"]["accuracy"]) for r in _read_log(out) if "eval" in r]
+    curve = [(r["step"], r["eval"]["accuracy"]) for r in read_log(out) if "eval" in r]
     params = json.loads((out / "run.json").read_text())["parameters"]
-    result = {**job, "accuracy": metrics.get("accuracy"), "steps": metrics["step"], "seconds": seconds,
-              "parameters": params, "curve": curve, "settings": _settings(cfg, job)}  # fmt: skip
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "result.json")  # a half-written result never looks finished
-    return result
+    return {"accuracy": metrics.get("accuracy"), "steps": metrics["step"], "parameters": params, "curve": curve}
 
 
-def _read_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            break
-    return records
-
-
-def _finished(cfg: SyntheticBenchConfig, job: dict) -> dict | None:
-    """The earlier result of this run, when it exists and was made with the same settings."""
-    path = Path(cfg.out) / run_name(**job) / "result.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    return result if result.get("settings") == _settings(cfg, job) else None
+def _label(job: dict, records: list[dict]) -> str:
+    accs = [r["eval"]["accuracy"] for r in records if "eval" in r]
+    return f"{job['task']}/{job['model']}" + (f" acc {accs[-1]:.2f}" if accs else "")
 
 
 def run_synthetic_bench(cfg: SyntheticBenchConfig, progress: bool = True) -> dict:
     """Train every run of the table (reusing finished ones); returns {"config", "runs", "machine"}."""
     cfg.validate()
-    jobs = cfg.runs()
-    results: dict[int, dict] = {}
-    todo = []
-    for i, job in enumerate(jobs):
-        done = _finished(cfg, job)
-        if done is not None:
-            results[i] = done
-        else:
-            todo.append(i)
-    cores = os.cpu_count() or 1
-    workers = min(cfg.jobs, max(1, len(todo)))
-    threads = max(1, cores // workers)
-    bar = _Progress(cfg, jobs, todo, enabled=progress)
-    wall = time.perf_counter()
-    if todo:
-        ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_train_one, cfg, jobs[i], threads): i for i in todo}
-            pending = set(futures)
-            try:
-                while pending:
-                    finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-                    for f in finished:
-                        results[futures[f]] = f.result()
-                    bar.update(results)
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            finally:
-                bar.close()
-    runs = [results[i] for i in range(len(jobs))]
-    return {"config": asdict(cfg), "runs": runs, "reused": len(jobs) - len(todo),
-            "wall_seconds": time.perf_counter() - wall, "machine": machine_info()}  # fmt: skip
-
-
-class _Progress:
-    """One bar over every step of the runs still to train, fed by their log.jsonl files."""
-
-    def __init__(self, cfg: SyntheticBenchConfig, jobs: list[dict], todo: list[int], enabled: bool):
-        self.cfg, self.jobs, self.todo = cfg, jobs, todo
-        self.bar = None
-        if enabled and todo:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=len(todo) * cfg.steps, desc="synthetic runs", unit="step", dynamic_ncols=True)
-
-    def update(self, results: dict[int, dict]) -> None:
-        if self.bar is None:
-            return
-        done, running = 0, []
-        for i in self.todo:
-            if i in results:  # an early stop counts as the whole run
-                done += self.cfg.steps
-                continue
-            records = _read_log(Path(self.cfg.out) / run_name(**self.jobs[i]))
-            steps = [r["step"] for r in records if "loss" in r]
-            accs = [r["eval"]["accuracy"] for r in records if "eval" in r]
-            if steps:
-                done += steps[-1]
-                job = self.jobs[i]
-                acc = f" acc {accs[-1]:.2f}" if accs else ""
-                running.append(f"{job['task']}/{job['model']}{acc}")
-        self.bar.n = done
-        finished = sum(i in results for i in self.todo)
-        self.bar.set_postfix_str(f"{finished}/{len(self.todo)} runs done; " + ", ".join(running), refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    runs, reused, wall = run_all(
+        cfg.runs(),
+        partial(_train_one, cfg),
+        run_dir=lambda job: Path(cfg.out) / run_name(**job),
+        settings=partial(_settings, cfg),
+        workers=cfg.jobs,
+        steps=cfg.steps,
+        desc="synthetic runs",
+        label=_label,
+        progress=progress,
+    )
+    return {"config": asdict(cfg), "runs": runs, "reused": reused, "wall_seconds": wall, "machine": machine_info()}
 
 
 def summarize(result: dict) -> dict:

@@ -37,6 +37,21 @@ class ByteTokenizer:
         """Ids -> text; the end-of-text token is dropped and broken UTF-8 shows as U+FFFD."""
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, directory) -> None:
+        """Write this tokenizer as a Hugging Face one (same ids), so AutoTokenizer and lm-eval can load it.
+
+        A byte-level BPE without merges: its vocabulary maps each byte, in GPT-2's printable byte alphabet, to
+        the byte's value, and "<|endoftext|>" to 256.
+        """
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        chars = _printable_bytes()
+        tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([EOT])
+        _save_hf(tok, directory)
+
 
 class HFTokenizer:
     """Adapter for a Hugging Face tokenizer (transformers' AutoTokenizer)."""
@@ -54,6 +69,33 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text."""
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, directory) -> None:
+        """Write the tokenizer's files into directory (AutoTokenizer loads them from there)."""
+        self._tok.save_pretrained(str(directory))
+
+
+EOT = "<|endoftext|>"
+
+
+def _printable_bytes() -> dict[int, str]:
+    """GPT-2's byte alphabet: printable bytes stand for themselves, the others for chr(256 + n) in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _save_hf(tok, directory) -> None:
+    """A `tokenizers` Tokenizer as a folder that transformers' AutoTokenizer loads (end-of-text: EOT)."""
+    import json
+    from pathlib import Path
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT,
+              "model_max_length": 1 << 30}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
 def load_tokenizer(name: str = "bytes") -> ByteTokenizer | HFTokenizer:
@@ -90,9 +132,6 @@ def train_bpe_tokenizer(
     The folder (tokenizer.json + tokenizer_config.json) loads with `load_tokenizer(out_dir)` and with
     transformers' AutoTokenizer. Its end-of-text token is "<|endoftext|>", the last id of the vocabulary.
     """
-    import json
-    from pathlib import Path
-
     from .text import find_sources, iter_documents
 
     if vocab_size < 257 + 1:
@@ -124,11 +163,6 @@ def train_bpe_tokenizer(
     tok.train_from_iterator(texts(), trainer=trainer)
     if seen["chars"] == 0:
         raise ValueError(f"no text in {', '.join(s.describe() for s in sources)}: nothing to train a tokenizer on")
-    tok.add_special_tokens(["<|endoftext|>"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-              "bos_token": "<|endoftext|>", "unk_token": None, "model_max_length": 1 << 30}  # fmt: skip
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    return load_tokenizer(str(out))
+    tok.add_special_tokens([EOT])
+    _save_hf(tok, out_dir)
+    return load_tokenizer(str(out_dir))

@@ -7,6 +7,7 @@ training (TrainConfig). Under torchrun every rank reads its own share of each gl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ def run_lm(
     """Train a fresh language model on text, validating every train_cfg.eval_every steps; returns the metrics.
 
     out_dir gets log.jsonl (loss, tokens/s, TFLOP/s and MFU; validation loss, perplexity, bits per byte),
-    run.json, checkpoints and the trained model (from_pretrained). Run under torchrun for several processes.
+    run.json, checkpoints, the trained model (from_pretrained) and the tokenizer's Hugging Face files. Run
+    under torchrun for several processes.
     """
     train_cfg.validate()
     where = init_distributed(train_cfg.device)
@@ -109,6 +111,10 @@ def run_lm(
     )
     if not train_cfg.peak_tflops and torch.device(train_cfg.device).type == "cpu":
         train_cfg = dataclasses.replace(train_cfg, peak_tflops=matmul_tflops())  # MFU against the measured rate
+    if where.is_main:  # the run directory is a complete model: AutoTokenizer and lm-eval load it from there
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(ImportError):  # without the tokenizers package: no tokenizer files
+            tokenizer.save_pretrained(out_dir)
     torch.manual_seed(train_cfg.seed)  # the same initialisation on every rank
     model = H3LM(model_cfg)
     extra = {

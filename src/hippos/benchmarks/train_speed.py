@@ -1,0 +1,104 @@
+"""`hippos bench train`: forward + backward tokens/s and peak memory of H3 and hybrid LMs against HF GPT-2.
+
+Every (model, length) runs in a fresh process: build the model at the preset's shape (random weights, train
+mode, no dropout), one untimed warm-up step, then the median of `repeats` timed steps of loss + backward on a
+batch of random tokens. Peak memory is the rise of resident memory during one step. GPT-2 uses its default
+attention implementation (PyTorch's scaled_dot_product_attention), the strong baseline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..models import H3Config
+from ..training.flops import flops_per_token
+from .generate import build_model, hippos_config
+from .measure import PeakMemory, format_cells, machine_info, matmul_gflops, run_jobs
+
+MODELS = ("h3", "hybrid", "gpt2")
+LABELS = {
+    "h3": "hippos pure H3",
+    "hybrid": "hippos hybrid (published attention layers)",
+    "transformer": "hippos Transformer",
+    "gpt2": "Hugging Face GPT-2 (SDPA attention)",
+}
+
+
+@dataclass
+class TrainBenchConfig:
+    """What `hippos bench train` measures."""
+
+    preset: str = "H3-125M"  # model shape (every model gets this width and depth)
+    models: tuple[str, ...] = MODELS  # which models: h3, hybrid, transformer, gpt2
+    lengths: tuple[int, ...] = (1024, 2048, 8192)  # sequence lengths
+    batch: int = 1  # sequences per step
+    repeats: int = 2  # timed steps per measurement (median)
+    device: str = "cpu"  # torch device to run on
+    seed: int = 0  # seed of the random weights and tokens
+
+
+def measure_train(kind: str, length: int, cfg: TrainBenchConfig) -> dict:
+    """Forward + backward tokens/s and peak memory of one model at one sequence length."""
+    model = build_model(kind, cfg.preset, length, cfg.device, cfg.seed).train()
+    vocab = H3Config.preset(cfg.preset).vocab_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, vocab, (cfg.batch, length), generator=gen).to(cfg.device)
+
+    def step() -> None:
+        # Both make the same L - 1 predictions: GPT-2 shifts its labels inside.
+        loss = model(input_ids=ids, labels=ids).loss if kind == "gpt2" else model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: first-call costs stay out of the figures
+    with PeakMemory(cfg.device) as mem:
+        step()
+    times = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters())
+    return {"model": kind, "length": length, "batch": cfg.batch, "seconds_per_step": seconds,
+            "tokens_per_s": cfg.batch * length / seconds, "peak_mib": mem.mib, "parameters": params}  # fmt: skip
+
+
+def run_train_bench(cfg: TrainBenchConfig, progress=None) -> dict:
+    """Every measurement of cfg, each in a fresh process."""
+    unknown = set(cfg.models) - set(LABELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(LABELS)}")
+    if cfg.batch < 1 or cfg.repeats < 1 or not cfg.lengths or min(cfg.lengths) < 2:
+        raise ValueError("batch and repeats must be >= 1, lengths >= 2")
+    jobs = [({"model": m, "length": n}, (m, n, cfg)) for n in cfg.lengths for m in cfg.models]
+    rows = run_jobs(measure_train, jobs, progress)
+    return {"config": asdict(cfg), "machine": machine_info(cfg.device), "matmul_gflops": matmul_gflops(cfg.device),
+            "rows": rows}  # fmt: skip
+
+
+def format_table(result: dict, markdown: bool = False) -> str:
+    """Rows of tokens/s and memory, speed-ups against GPT-2 at the same length, and achieved GFLOP/s."""
+    cfg = result["config"]
+    ok = [r for r in result["rows"] if "error" not in r]
+    gpt = {r["length"]: r for r in ok if r["model"] == "gpt2"}
+    cells = [["model", "length", "tokens/s", "s/step", "peak MiB", "x GPT-2", "model GFLOP/s"]]
+    for r in ok:
+        base = gpt.get(r["length"])
+        # GPT-2's FLOPs are those of our Transformer at the same shape: every layer attention.
+        config = hippos_config("transformer" if r["model"] == "gpt2" else r["model"], cfg["preset"])
+        rate = r["tokens_per_s"] * flops_per_token(config, r["parameters"], r["length"]) / 1e9
+        cells.append([
+            LABELS[r["model"]], str(r["length"]), f"{r['tokens_per_s']:,.0f}", f"{r['seconds_per_step']:.2f}",
+            f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-",
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-", f"{rate:.0f}",
+        ])  # fmt: skip
+    out = format_cells(cells, markdown)
+    out += [f"failed: {r['model']} length {r['length']}: {r['error']}" for r in result["rows"] if "error" in r]
+    out.append(f"batch {cfg['batch']}, median of {cfg['repeats']} steps; measured fp32 matmul rate "
+               f"{result['matmul_gflops']:.0f} GFLOP/s")  # fmt: skip
+    return "\n".join(out)

@@ -1,0 +1,84 @@
+"""The language-modeling comparison: matched models, runs in workers, the table, the ordering check, the plot."""
+
+import dataclasses
+
+import pytest
+
+from hippos.benchmarks.lm import (
+    ARCHITECTURES,
+    DATASETS,
+    LMBenchConfig,
+    format_table,
+    job_configs,
+    paper_ordering_holds,
+    plot,
+    run_dir,
+    run_lm_bench,
+)
+from hippos.models import H3LM
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, file in DATASETS.items():
+        (folder / file).write_text("".join(f"{name} line {i}: the hippo eats {i % 4} melons.\n" for i in range(120)))
+    return folder
+
+
+def small(data_dir, tmp_path, **kw):
+    fields = dict(datasets=("tinyshakespeare",), d_model=16, n_head=2, d_state=8, seq_len=16, batch_size=4, steps=6,
+                  warmup_steps=2, eval_every=3, eval_tokens=256, jobs=2, data_dir=str(data_dir),
+                  out=str(tmp_path / "runs"))  # fmt: skip
+    return LMBenchConfig(**{**fields, **kw})
+
+
+def test_runs_train_in_workers_and_the_table_reports_them(data_dir, tmp_path):
+    cfg = small(data_dir, tmp_path)
+    result = run_lm_bench(cfg, progress=False)
+    assert [r["model"] for r in result["runs"]] == list(ARCHITECTURES)
+    for run in result["runs"]:
+        assert 1 < run["perplexity"] < 257 and run["train_tokens"] == 6 * 4 * 16
+        assert [s for s, _ in run["curve"]] == [3, 6] and run["bits_per_byte"] > 0
+        assert H3LM.from_pretrained(run_dir(cfg, run)).num_parameters() == run["parameters"]
+        assert (run_dir(cfg, run) / "tokenizer.json").is_file()  # the run directory is a complete model
+    assert result["ordering"]["tinyshakespeare"] == paper_ordering_holds(result, "tinyshakespeare")
+    again = run_lm_bench(cfg, progress=False)
+    assert again["reused"] == 4 and [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in result["runs"]]
+    table = format_table(result, markdown=True)
+    assert "| transformer |" in table and "tinyshakespeare ppl (bpb)" in table and "paper ordering" in table
+    plot(result, tmp_path / "lm.png")
+    assert (tmp_path / "lm.png").stat().st_size > 1000
+
+
+def test_the_rows_have_matched_parameter_counts_at_the_default_width(data_dir, tmp_path):
+    cfg = LMBenchConfig(data_dir=str(data_dir))
+    counts, mixers = {}, {}
+    for model in cfg.models:
+        config = job_configs(cfg, "wikitext2", model)[0]
+        counts[model] = H3LM(config).num_parameters()
+        mixers[model] = [config.mixer(i) for i in range(config.n_layer)]
+    assert min(counts.values()) > 5e6 and max(counts.values()) < 1.05 * min(counts.values()) < 10e6
+    assert mixers["hybrid"].count("attention") == 2 and set(mixers["transformer"]) == {"attention"}
+    assert set(mixers["H3"]) == {"h3"} and set(mixers["S4D"]) == {"s4d"}
+
+
+def test_ordering_check():
+    runs = [{"dataset": "d", "model": m, "perplexity": p} for m, p in
+            [("hybrid", 3.0), ("transformer", 3.1), ("H3", 3.2), ("S4D", 4.0)]]  # fmt: skip
+    assert paper_ordering_holds({"runs": runs}, "d") is True
+    runs[0]["perplexity"] = 3.15
+    assert paper_ordering_holds({"runs": runs}, "d") is False
+    assert paper_ordering_holds({"runs": runs[:2]}, "d") is None
+
+
+@pytest.mark.parametrize("bad", [{"datasets": ("pile",)}, {"models": ("mamba",)}, {"jobs": 0}, {"steps": 0}])
+def test_bad_settings_are_refused_before_any_run(data_dir, tmp_path, bad):
+    with pytest.raises(ValueError):
+        small(data_dir, tmp_path, **bad).validate()
+
+
+def test_a_missing_dataset_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="wikitext2-valid.txt not found; pass --data-dir"):
+        dataclasses.replace(LMBenchConfig(), data_dir=str(tmp_path)).validate()

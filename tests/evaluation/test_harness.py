@@ -1,0 +1,85 @@
+"""lm-evaluation-harness through the Hugging Face wrapper, on a local task (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hippos import H3LM, H3Config
+from hippos.cli import main
+from hippos.data import ByteTokenizer
+
+TASK = """task: hippo_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+DOCS = [("the hippo eats", " melons"), ("a river horse", " swims"), ("H3 remembers", " tokens")]
+
+
+@pytest.fixture
+def local_task(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"context": c, "target": t}) + "\n" for c, t in DOCS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "hippo_local.yaml").write_text(TASK.format(docs=docs))
+    return tmp_path / "tasks"
+
+
+@torch.no_grad()
+def own_loglikelihood(model: H3LM, context: str, target: str) -> float:
+    """log p(target | context) from the native model (lm-eval's softmax covers the tokenizer's 257 ids)."""
+    ids = torch.tensor([list((context + target).encode())])
+    n = len(target.encode())
+    logprobs = model(ids[:, :-1]).logits[..., :257].log_softmax(-1)[0, -n:]
+    return float(logprobs.gather(-1, ids[0, -n:, None]).sum())
+
+
+def test_harness_scores_a_local_task_as_the_native_model_does(local_task, tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from hippos.evaluation.harness import run_harness
+
+    torch.manual_seed(0)
+    model = H3LM(H3Config.preset("tiny", attn_layer_idx=(1,))).eval()
+    model.save_pretrained(tmp_path / "model")
+    ByteTokenizer().save_pretrained(tmp_path / "model")
+    out = run_harness(str(tmp_path / "model"), ["hippo_local"], include_path=str(local_task))
+    assert out["results"]["hippo_local"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    samples = sorted(out["samples"]["hippo_local"], key=lambda s: s["doc_id"])
+    for sample, (context, target) in zip(samples, DOCS):
+        ll = sample["resps"][0][0][0]
+        assert ll == pytest.approx(own_loglikelihood(model, context, target), abs=1e-4)
+    # The command line: the same numbers, and a clear error for a folder without tokenizer files.
+    args = ["eval", "harness", "--model", str(tmp_path / "model"), "--tasks", "hippo_local", "--include-path",
+            str(local_task), "--json", str(tmp_path / "h.json")]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["results"]["hippo_local"]["acc,none"] == pytest.approx(
+        out["results"]["hippo_local"]["acc,none"]
+    )
+    model.save_pretrained(tmp_path / "bare")
+    assert main(["eval", "harness", "--model", str(tmp_path / "bare"), "--tasks", "hippo_local"]) == 2
+
+
+def test_byte_tokenizer_saved_for_hugging_face_gives_the_same_ids(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ByteTokenizer().save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "héllo\n\tworld 🦛 <|endoftext|>"
+    ours = ByteTokenizer()
+    assert hf.encode(text, add_special_tokens=False) == ours.encode(text.replace("<|endoftext|>", "")) + [256]
+    assert hf.eos_token_id == ours.eos_token_id == 256 and len(hf) == 257
+    assert hf.decode(ours.encode("héllo 🦛")) == "héllo 🦛"
