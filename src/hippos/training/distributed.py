@@ -59,6 +59,9 @@ def rank_device(device: str, where: Distributed) -> str:
     return f"cuda:{where.local_rank}" if device == "cuda" and where.enabled else device
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
 class LossOf(nn.Module):
     """model.loss(x, y) as a module's forward, so that DDP's hooks see the whole computation."""
 
@@ -71,20 +74,105 @@ class LossOf(nn.Module):
         return self.model.loss(inputs, targets)
 
 
-def loss_module(model: nn.Module, where: Distributed) -> nn.Module:
-    """What the training loop calls for the loss: model.loss, wrapped in DDP when there are several ranks."""
-    module = LossOf(model)
-    if not where.enabled:
-        return module
-    device_ids = [where.local_rank] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+class Parallel:
+    """How the training loop reaches a model on one rank or many: the loss, gradient sync, state, saving.
 
+    "ddp": a full replica per rank, gradients averaged (DistributedDataParallel). "fsdp": parameters, gradients
+    and optimizer state sharded across the ranks (FSDP2 `fully_shard`, one unit per block plus the rest), for
+    models that do not fit one device; every rank then takes part in evaluation and in gathering full state.
+    One process: the model itself.
+    """
 
-def no_sync(module: nn.Module, last: bool):
-    """Inside gradient accumulation: skip DDP's all-reduce for every micro-batch but the last."""
-    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
+    def __init__(self, model: nn.Module, where: Distributed, kind: str = "ddp"):
+        if kind not in PARALLEL:
+            raise ValueError(f"unknown parallel mode {kind!r}; choose one of {PARALLEL}")
+        self.model, self.where = model, where
+        self.kind = kind if where.enabled else "single"
+        self._ddp = None
+        if self.kind == "ddp":
+            ids = [where.local_rank] if next(model.parameters()).is_cuda else None
+            self._ddp = nn.parallel.DistributedDataParallel(LossOf(model), device_ids=ids)
+        elif self.kind == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            # fully_shard replaces every Parameter with a sharded one: the SSM parameters' optimizer marks
+            # (no weight decay, lr cap; hippos.training.optim) must move over to the new objects.
+            marks = {name: p._optim for name, p in model.named_parameters() if hasattr(p, "_optim")}
+            for block in model.backbone.layers:
+                fully_shard(block)
+            fully_shard(model)  # the root: embedding (tied with the head) and final norm
+            for name, p in model.named_parameters():
+                if name in marks:
+                    p._optim = marks[name]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded (every rank must join evaluation and state gathering)."""
+        return self.kind == "fsdp"
+
+    def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of this rank's micro-batch."""
+        if self._ddp is not None:
+            return self._ddp(inputs, targets)
+        if self.sharded:  # through forward, where FSDP's hooks gather the root's parameters
+            return self.model(inputs, labels=targets).loss
+        return self.model.loss(inputs, targets)  # the head only where a label is: cheap for sparse tasks
+
+    def sync(self, last: bool):
+        """Inside gradient accumulation: reduce gradients across ranks only after the last micro-batch."""
+        if self._ddp is not None and not last:
+            return self._ddp.no_sync()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-    return module.no_sync()
+
+    def evaluating(self):
+        """A context in which the model's methods (not only forward) see whole parameters."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        self.model.unshard()
+        stack.callback(self.model.reshard)
+        return stack
+
+    def state_dicts(self, optimizer) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts, whole; under FSDP a collective whose result rank 0 alone holds."""
+        if not self.sharded:
+            return self.model.state_dict(), optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dicts(self, optimizer, model_state: dict, optimizer_state: dict) -> None:
+        """Restore whole state dicts (under FSDP, rank 0's are spread to every rank's shards)."""
+        if not self.sharded:
+            self.model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_state_dict(self.model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=options)  # fmt: skip
+
+    def save_pretrained(self, directory) -> None:
+        """The trained model as a from_pretrained folder, written by rank 0 (under FSDP from gathered weights)."""
+        model = self.model
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.model, options=options)
+            if not self.where.is_main:
+                return
+            model = type(self.model)(self.model.config)
+            model.load_state_dict(state)
+        if self.where.is_main:
+            model.eval().save_pretrained(directory)
+
+    def grad_norm_value(self, norm: Tensor) -> float:
+        """clip_grad_norm_'s result as a number (a sharded norm is gathered first)."""
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def broadcast(value, where: Distributed):

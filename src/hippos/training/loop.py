@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..models import H3LM
 from .checkpoint import latest_checkpoint, save_checkpoint
-from .distributed import Distributed, all_sum, broadcast, loss_module, no_sync
+from .distributed import PARALLEL, Distributed, Parallel, all_sum, broadcast
 from .optim import SCHEDULES, lr_factor, make_optimizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -49,6 +49,7 @@ class TrainConfig:
     precision: str = "auto"  # autocast: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16
     peak_tflops: float = 0.0  # the device's peak TFLOP/s for the MFU in the log (0: none; LM runs on a CPU measure it)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    parallel: str = "ddp"  # under torchrun: "ddp" (a replica per rank) or "fsdp" (weights and optimizer sharded)
 
     def validate(self) -> None:
         """Refuse inconsistent settings before any work."""
@@ -60,6 +61,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0; weight_decay and grad_clip >= 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"unknown parallel mode {self.parallel!r}; choose one of {PARALLEL}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if not 0 <= self.target_accuracy <= 1:
@@ -108,15 +111,14 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     model.to(cfg.device).train()
     model.gradient_checkpointing = cfg.activation_checkpointing
-    net = loss_module(model, where)
+    par = Parallel(model, where, cfg.parallel)  # before the optimizer: FSDP replaces the parameters
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     factor = lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     start, metrics = 0, {}
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        par.load_state_dicts(opt, ckpt["model"], ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
         start, metrics = ckpt["step"], ckpt.get("metrics", {})
@@ -127,9 +129,10 @@ def train(
         (out / "run.json").write_text(json.dumps({**record, **(extra or {})}, indent=1))
 
     def checkpoint(step: int, rng: Tensor | None = None) -> None:
+        model_state, opt_state = par.state_dicts(opt)  # every rank: under FSDP a gathering collective
         if not where.is_main:
             return
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        state = {"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict()}
         rng = torch.get_rng_state() if rng is None else rng
         save_checkpoint(out, {**state, "rng": rng, "step": step, "metrics": metrics})
 
@@ -161,14 +164,14 @@ def train(
                         if where.enabled:  # a rank that skipped would leave the others waiting in backward
                             raise ValueError(f"step {step}: a micro-batch without labels on rank {where.rank}")
                         continue
-                    with no_sync(net, last=i + micro >= inputs.shape[0]), _autocast(cfg):
-                        loss = net(x, y)  # model.loss: the head only where a label is, cheap for sparse tasks
+                    with par.sync(last=i + micro >= inputs.shape[0]), _autocast(cfg):
+                        loss = par.loss(x, y)
                         # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
                         (loss * share).backward()
                     loss_sum += loss.item() * share
                 grad_norm = None
                 if cfg.grad_clip:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    grad_norm = par.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -189,11 +192,12 @@ def train(
                     tokens, clock = 0, time.perf_counter()
                 done = step == cfg.steps
                 if evaluate is not None and (done or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    if where.is_main:
+                    if where.is_main or par.sharded:  # sharded weights: every rank joins the evaluation
                         model.eval()
-                        with torch.no_grad():
+                        with torch.no_grad(), par.evaluating():
                             metrics = {k: float(v) for k, v in evaluate(model).items()}
                         model.train()
+                    if where.is_main:
                         log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
                         log.flush()
                     metrics = broadcast(metrics, where)  # every rank stops early together
@@ -215,6 +219,5 @@ def train(
             if bar is not None:
                 bar.close()
     model.eval()
-    if where.is_main:
-        model.save_pretrained(out)
+    par.save_pretrained(out)
     return {"step": step, **metrics}
