@@ -19,7 +19,7 @@ from ..models import H3Config
 from ..training import TrainConfig
 from ..training.lm import LMDataConfig, run_lm
 from .measure import format_cells, machine_info
-from .runs import read_log, run_all
+from .runs import read_log, run_all, settings_of
 
 DATASETS = {"wikitext2": "wikitext2-valid.txt", "tinyshakespeare": "tinyshakespeare.txt"}
 
@@ -118,11 +118,6 @@ def run_dir(cfg: LMBenchConfig, job: dict) -> Path:
     return Path(cfg.out) / f"{job['dataset']}-{job['model']}-d{cfg.d_model}-s{cfg.seed}"
 
 
-def _settings(cfg: LMBenchConfig, job: dict) -> dict:
-    model_cfg, data, train = job_configs(cfg, **job)
-    return json.loads(json.dumps({"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}))
-
-
 def _train_one(cfg: LMBenchConfig, job: dict) -> dict:
     """Worker: train one run (resuming it if interrupted); returns its result fields."""
     model_cfg, data, train = job_configs(cfg, **job)
@@ -155,7 +150,7 @@ def run_lm_bench(cfg: LMBenchConfig, progress: bool = True) -> dict:
         cfg.runs(),
         partial(_train_one, cfg),
         run_dir=partial(run_dir, cfg),
-        settings=partial(_settings, cfg),
+        settings=lambda job: settings_of(*job_configs(cfg, **job)),
         workers=cfg.jobs,
         steps=cfg.steps,
         desc="language models",

@@ -32,6 +32,13 @@ def read_log(run_dir: Path) -> list[dict]:
     return records
 
 
+def settings_of(model_cfg, data, train) -> dict:
+    """A run's (model, data, train) configs as JSON gives them back: what decides whether a result is reusable."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps({"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}))
+
+
 def finished_result(run_dir: Path, settings: dict) -> dict | None:
     """The earlier result in run_dir when it exists and was made with these settings."""
     path = Path(run_dir) / "result.json"

@@ -20,7 +20,7 @@ from ..models import H3Config
 from ..training import TrainConfig
 from ..training.synthetic import LOSS_ON, SyntheticDataConfig, run_synthetic
 from .measure import format_cells, machine_info
-from .runs import read_log, run_all
+from .runs import read_log, run_all, settings_of
 
 # The table's rows: how each model's two layers mix the sequence.
 # H3 layers are multi-head (REFERENCE 1, head_dim 8): with head_dim 1 a 2-layer H3 stays near 60% on
@@ -159,12 +159,6 @@ def run_name(task: str, model: str, d_model: int, seed: int) -> str:
     return f"{task}-{model}-d{d_model}-s{seed}"
 
 
-def _settings(cfg: SyntheticBenchConfig, job: dict) -> dict:
-    """The full settings of one run as JSON would give them back: what decides whether a result is reusable."""
-    model_cfg, data, train = job_configs(cfg, **job)
-    return json.loads(json.dumps({"model": model_cfg.to_dict(), "data": asdict(data), "train": asdict(train)}))
-
-
 def _train_one(cfg: SyntheticBenchConfig, job: dict) -> dict:
     """Worker: train one run, resuming it if interrupted; returns its result fields."""
     model_cfg, data, train = job_configs(cfg, **job)
@@ -187,7 +181,7 @@ def run_synthetic_bench(cfg: SyntheticBenchConfig, progress: bool = True) -> dic
         cfg.runs(),
         partial(_train_one, cfg),
         run_dir=lambda job: Path(cfg.out) / run_name(**job),
-        settings=partial(_settings, cfg),
+        settings=lambda job: settings_of(*job_configs(cfg, **job)),
         workers=cfg.jobs,
         steps=cfg.steps,
         desc="synthetic runs",
