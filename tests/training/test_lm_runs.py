@@ -113,13 +113,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, args: tuple) -> None:
+def _rank_main(rank: int, world_size: int, port: int, args: tuple, resume: bool = False) -> None:
     """What torchrun would start: the environment names the rank, then the ordinary entry point runs."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))  # fmt: skip
     torch.set_num_threads(1)
     try:
-        run_lm(*args, progress=False)
+        run_lm(*args, resume=resume, progress=False)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -185,3 +185,16 @@ def _interrupt_at(stop: int, real, batches, step: int):
     if step == stop:
         raise KeyboardInterrupt
     return real(batches, step)
+
+
+def test_a_sharded_run_resumes_from_its_whole_tensor_checkpoint(text_file, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=8, lr=3e-3, log_every=1, eval_every=0, checkpoint_every=3, parallel="fsdp")
+    data = data_config(text_file, tmp_path)
+    for name in ("straight", "cut"):
+        mp.spawn(_rank_main, args=(2, _free_port(), (TINY, data, cfg, tmp_path / name)), nprocs=2, join=True)
+    # Back to the step-3 checkpoint, as after a hard kill, then resume on two ranks again.
+    (tmp_path / "cut" / "checkpoint.prev.pt").replace(tmp_path / "cut" / "checkpoint.pt")
+    kept = [r for r in read_log(tmp_path / "cut") if r["step"] <= 3]
+    (tmp_path / "cut" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    mp.spawn(_rank_main, args=(2, _free_port(), (TINY, data, cfg, tmp_path / "cut"), True), nprocs=2, join=True)
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
