@@ -26,6 +26,8 @@ def test_gpt2_baseline_has_the_shape_of_the_preset():
     ours = H3Config.preset("tiny")
     assert (gpt.config.n_embd, gpt.config.n_layer, gpt.config.n_head) == (ours.d_model, ours.n_layer, ours.n_head)
     assert gpt.config.n_positions == 64
+    # Dropout-free like our models (dropout would also slow GPT-2's attention down in training).
+    assert gpt.config.attn_pdrop == gpt.config.resid_pdrop == gpt.config.embd_pdrop == 0.0
 
 
 def test_train_step_of_our_model_predicts_the_same_tokens_as_gpt2s():
