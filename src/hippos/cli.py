@@ -379,6 +379,18 @@ def _demo(args: argparse.Namespace) -> int:
     return _bench_synthetic(ns)
 
 
+def _bench_parser(bench, name: str, help: str, cls: type, func, plot: str | None = None):
+    """A `hippos bench NAME` parser: --json, --markdown, --plot (when the benchmark draws one) and cls's fields."""
+    parser = bench.add_parser(name, help=help)
+    parser.add_argument("--json", help="write the results as JSON here")
+    if plot:
+        parser.add_argument("--plot", help=f"write {plot} (PNG) here")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    add_arguments(parser, cls)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface."""
     from .benchmarks.layer import LayerBenchConfig
@@ -493,30 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .benchmarks.synthetic import SyntheticBenchConfig
 
-    synb = bench.add_parser("synthetic", help="paper Table 1 (and --mqar: the MQAR grid): train and score")
+    synb = _bench_parser(bench, "synthetic", "paper Table 1 (and --mqar: the MQAR grid): train and score",
+                         SyntheticBenchConfig, _bench_synthetic, plot="the training curves")  # fmt: skip
     synb.add_argument("--quick", action="store_true", help="one seed, what `hippos demo` runs")
     synb.add_argument("--mqar", action="store_true", help="the MQAR grid: H3, hybrid, attention at d_model 64/128")
-    synb.add_argument("--json", help="write the results as JSON here")
-    synb.add_argument("--plot", help="write the training curves (PNG) here")
-    synb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    add_arguments(synb, SyntheticBenchConfig)
-    synb.set_defaults(func=_bench_synthetic)
 
     from .benchmarks.lm import LMBenchConfig
     from .benchmarks.train_speed import TrainBenchConfig
 
-    trb = bench.add_parser("train", help="forward+backward speed: H3, hybrid vs HF GPT-2 at the 125M shape")
-    trb.add_argument("--json", help="write the results as JSON here")
-    trb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    add_arguments(trb, TrainBenchConfig)
-    trb.set_defaults(func=_bench_train)
-
-    lmb = bench.add_parser("lm", help="language modeling on text: Transformer, H3, hybrid, S4D at ~7M parameters")
-    lmb.add_argument("--json", help="write the results as JSON here")
-    lmb.add_argument("--plot", help="write the loss curves (PNG) here")
-    lmb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    add_arguments(lmb, LMBenchConfig)
-    lmb.set_defaults(func=_bench_lm)
+    _bench_parser(bench, "train", "forward+backward speed: H3, hybrid vs HF GPT-2 at the 125M shape",
+                  TrainBenchConfig, _bench_train)  # fmt: skip
+    _bench_parser(bench, "lm", "language modeling on text: Transformer, H3, hybrid, S4D at ~7M parameters",
+                  LMBenchConfig, _bench_lm, plot="the loss curves")  # fmt: skip
 
     from .benchmarks.generate import GenerateBenchConfig
 
