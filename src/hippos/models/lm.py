@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import H3, S4D, MultiHeadAttention
 from ..layers.decode_linear import decode_linear
+from ..ops import compute_dtype, linear_cross_entropy
 from .config import H3Config
 
 
@@ -162,7 +163,8 @@ class H3LM(nn.Module):
         loss = None
         if labels is not None:
             self._check_labels(labels, input_ids)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            logits32 = logits.flatten(0, 1).to(compute_dtype(logits.dtype))  # float32, or float64 for float64
+            loss = F.cross_entropy(logits32, labels.flatten(), ignore_index=-100)
         return LMOutput(logits, loss, new_state if return_state else None)
 
     def hidden_states(
@@ -205,7 +207,9 @@ class H3LM(nn.Module):
         """Mean cross-entropy over labels != -100: `forward(input_ids, labels).loss`, with the head only there."""
         self._check_labels(labels, input_ids)
         keep = labels != -100
-        return F.cross_entropy(self.logits_at(input_ids, keep).float(), labels[keep])
+        h, _ = self.hidden_states(input_ids)
+        # The head and the loss together, a chunk of positions at a time: no (N, vocab) logits tensor.
+        return linear_cross_entropy(h[keep], self.lm_head.weight, labels[keep])
 
     @staticmethod
     def _check_labels(labels: Tensor, input_ids: Tensor) -> None:

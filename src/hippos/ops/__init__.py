@@ -14,6 +14,7 @@ from .diagonal import (
     ssm_A,
     step_output_weights,
 )
+from .loss import linear_cross_entropy, linear_cross_entropy_ref
 from .shift import shift_kernel, shift_kernel_ref, shift_step_ref
 from .state_passing import chunk_operators, diag_final_state, diag_ssm_chunked, diag_state_outputs
 
@@ -32,6 +33,8 @@ __all__ = [
     "discretize",
     "causal_conv",
     "fft_conv",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
     "next_fast_len",
     "shift_kernel",
     "shift_kernel_ref",
