@@ -13,7 +13,7 @@ def test_train_bench_measures_every_model_in_fresh_processes():
     cfg = TrainBenchConfig(preset="tiny", lengths=(32,), repeats=1)
     result = run_train_bench(cfg)
     rows = {r["model"]: r for r in result["rows"]}
-    assert set(rows) == {"h3", "hybrid", "gpt2"} and all("error" not in r for r in rows.values())
+    assert set(rows) == {"h3", "hybrid", "gpt2", "ceiling"} and all("error" not in r for r in rows.values())
     for r in rows.values():
         assert r["tokens_per_s"] == pytest.approx(32 / r["seconds_per_step"]) and r["parameters"] > 0
     table = format_table(result)
@@ -33,6 +33,15 @@ def test_gpt2_baseline_has_the_shape_of_the_preset():
 def test_train_step_of_our_model_predicts_the_same_tokens_as_gpt2s():
     record = measure_train("h3", 16, TrainBenchConfig(preset="tiny", repeats=1))
     assert record["length"] == 16 and record["seconds_per_step"] > 0
+
+
+def test_ceiling_keeps_every_projection_of_pure_h3_and_drops_only_the_ssms():
+    h3 = measure_train("h3", 16, TrainBenchConfig(preset="tiny", repeats=1))
+    ceiling = measure_train("ceiling", 16, TrainBenchConfig(preset="tiny", repeats=1))
+    model = build_model("h3", "tiny", 16)
+    ssm = sum(p.numel() for b in model.backbone.layers for n, p in b.mixer.named_parameters() if "proj" not in n
+              and "output_linear" not in n)  # fmt: skip
+    assert ceiling["parameters"] == h3["parameters"] - ssm and ssm > 0
 
 
 def test_generate_bench_records_prefill_and_decode():

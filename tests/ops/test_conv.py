@@ -214,3 +214,12 @@ def test_conv_argument_errors(op):
         op(u, torch.randn(H, 4), torch.randn(H + 1))
     with pytest.raises(TypeError, match="floating point"):
         op(torch.ones(2, H, 10, dtype=torch.long), torch.randn(H, 4))
+
+
+def test_short_conv_first_run_in_inference_mode_then_with_gradients():
+    """Constants cached by an inference-mode call must still serve a later call that autograd tracks."""
+    u, k = torch.randn(2, 3, 40, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        short_conv(u, k.detach())
+    short_conv(u, k).sum().backward()
+    assert k.grad is not None

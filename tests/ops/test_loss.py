@@ -94,3 +94,11 @@ def test_bad_input_is_refused(change, message):
     h, W, labels = _inputs()
     with pytest.raises(ValueError, match=message):
         linear_cross_entropy(*change(h, W, labels))
+
+
+def test_second_backward_through_a_retained_graph_is_refused():
+    h, W, labels = _inputs()
+    loss = linear_cross_entropy(h, W, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()

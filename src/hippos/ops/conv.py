@@ -16,6 +16,8 @@ Three implementations of the same map, tested against each other:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -191,15 +193,28 @@ def from_chunks(y: Tensor, uc: Tensor, D: Tensor | None, lead: list[int]) -> Ten
     return y.reshape(*lead, H, L)
 
 
+@functools.lru_cache(maxsize=32)
+def _toeplitz_selector(Lk: int, T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """0/1 matrix (Lk, 2T * T) with k @ it = the stacked blocks of `_short_filter_blocks`, flattened."""
+    with torch.inference_mode(False):  # cached for later calls: must not be an inference tensor
+        i, j = torch.arange(2 * T)[:, None], torch.arange(T)[None, :]
+        tap = (T + j - i).flatten()  # which tap entry [i, j] holds
+        valid = (tap >= 0) & (tap < Lk)
+        selector = torch.zeros(Lk, 2 * T * T, dtype=dtype)
+        selector[tap[valid], torch.arange(2 * T * T)[valid]] = 1
+        return selector.to(device)
+
+
 def _short_filter_blocks(k: Tensor, T: int) -> tuple[Tensor, Tensor]:
     """(W_prev, W_cur), each (H, T, T): y_chunk = x_prev @ W_prev + x_cur @ W_cur for a filter of <= T taps.
 
     Entry [i, j] of the stacked (2T, T) matrix [W_prev; W_cur] is k[T + j - i] (zero outside 0 .. Lk - 1).
+    Built as one matmul with a constant 0/1 selector, exact in any dtype; its backward is the transposed
+    matmul. (Slicing unfolded, flipped windows of k instead was measured 1.3-2.6x slower forward + backward
+    at H3-125M's 768 channels and 64 taps: that backward zero-fills and scatters into large buffers.)
     """
-    Lk = k.shape[-1]
-    # e[p] = k[p - (2T - 1)]; its windows[a, j] = e[a + j]; rows a = 3T - 1 - i give k[T + j - i].
-    windows = F.pad(k, (2 * T - 1, 2 * T - Lk)).unfold(-1, T, 1)
-    stacked = windows[:, T : 3 * T].flip(1)
+    H, Lk = k.shape
+    stacked = (k @ _toeplitz_selector(Lk, T, k.dtype, k.device)).view(H, 2 * T, T)
     return stacked[:, :T], stacked[:, T:]
 
 

@@ -60,30 +60,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, rows):
             hc, yc = h[s : s + rows].to(cdt), labels[s : s + rows]
             logits = hc @ Wc.T
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None])[:, 0]).sum()
+            target = logits.gather(1, yc[:, None])[:, 0]
+            # logsumexp by hand, in place in the logits' memory: exp(logits - max) is also the softmax's
+            # numerator (torch.logsumexp would allocate and fill its own chunk-sized temporary).
+            top = logits.amax(dim=-1)
+            expd = logits.sub_(top[:, None]).exp_()
+            norm = expd.sum(dim=-1)
+            total += (top + norm.log() - target).sum()
             if not (want_h or want_W):
                 continue
-            # d mean_loss / d logits = (softmax - one_hot(y)) / N, made in place in the logits' memory.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(yc), device=h.device), yc] -= 1
-            probs.mul_(1 / N)
+            # d mean_loss / d logits = (softmax - one_hot(y)) / N
+            probs = expd.mul_((1 / (N * norm))[:, None])
+            probs[torch.arange(len(yc), device=h.device), yc] -= 1 / N
             if want_h:
                 torch.mm(probs, Wc, out=grad_h[s : s + rows])
             if want_W:
                 grad_W = probs.T @ hc if grad_W is None else grad_W.addmm_(probs.T, hc)
-        ctx.save_for_backward(grad_h, grad_W)
-        ctx.dtypes = (h.dtype, W.dtype)
+        # Kept as attributes, not saved tensors: backward hands them over as the only reference, so autograd
+        # can reuse their memory (for the tied embedding's gradient, added in place) instead of copying.
+        ctx.grads, ctx.dtypes = [grad_h, grad_W], (h.dtype, W.dtype)
         return total / N
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        grads = []
-        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            if grad is not None and not bool(grad_loss == 1):  # a plain loss.backward() needs no scaling copy
-                grad = grad * grad_loss
-            grads.append(None if grad is None else grad.to(dtype))
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("linear_cross_entropy's backward runs once per forward: compute the loss again")
+        scale = not bool(grad_loss == 1)  # a plain loss.backward() needs no scaling copy
+        for i, dtype in enumerate(ctx.dtypes):
+            if grads[i] is not None:
+                grads[i] = (grads[i] * grad_loss if scale else grads[i]).to(dtype)
         return grads[0], grads[1], None, None
 
 

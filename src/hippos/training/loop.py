@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..models import H3LM
+from .allocator import keep_freed_memory
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .distributed import PARALLEL, Distributed, Parallel, all_sum, broadcast
 from .optim import SCHEDULES, lr_factor, make_optimizer
@@ -50,6 +51,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # the device's peak TFLOP/s for the MFU in the log (0: none; LM runs on a CPU measure it)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     parallel: str = "ddp"  # under torchrun: "ddp" (a replica per rank) or "fsdp" (weights and optimizer sharded)
+    keep_freed_memory: bool = True  # CPU: reuse freed memory, not hand it back (faster; the process keeps its peak)
 
     def validate(self) -> None:
         """Refuse inconsistent settings before any work."""
@@ -109,6 +111,8 @@ def train(
     out = Path(out_dir)
     if where.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    if cfg.keep_freed_memory and torch.device(cfg.device).type == "cpu":
+        keep_freed_memory()  # see hippos.training.allocator: large tensors stop page-faulting every step
     model.to(cfg.device).train()
     model.gradient_checkpointing = cfg.activation_checkpointing
     par = Parallel(model, where, cfg.parallel)  # before the optimizer: FSDP replaces the parameters
