@@ -13,6 +13,7 @@ Accelerators use F.linear unchanged.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,6 +33,9 @@ def decode_linear(linear: nn.Linear, x: Tensor) -> Tensor:
         or (rows > SMALL_BATCH and out_features < WIDE_OUTPUT)
     ):
         return F.linear(x, W, linear.bias)
-    blocks = W.view(BLOCKS, out_features // BLOCKS, W.shape[1])
-    y = blocks.bmm(x.T.expand(BLOCKS, -1, -1)).reshape(out_features, rows).T
-    return y if linear.bias is None else y + linear.bias
+    blocks, xt = W.view(BLOCKS, out_features // BLOCKS, W.shape[1]), x.T.expand(BLOCKS, -1, -1)
+    if linear.bias is None:
+        y = blocks.bmm(xt)
+    else:  # the bias added inside the product: one operation less per linear and step
+        y = torch.baddbmm(linear.bias.view(BLOCKS, -1, 1), blocks, xt)
+    return y.reshape(out_features, rows).T

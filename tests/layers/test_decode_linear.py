@@ -1,0 +1,17 @@
+"""decode_linear equals F.linear on every path: blocked (small batch, wide output) and plain."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hippos.layers.decode_linear import decode_linear
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows, out_features", [(1, 64), (4, 64), (16, 64), (16, 8192), (1, 60), (3, 1)])
+def test_equals_f_linear(bias, rows, out_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, out_features, bias=bias).double()
+    x = torch.randn(rows, 24, dtype=torch.float64)
+    torch.testing.assert_close(decode_linear(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-12, atol=1e-12)
