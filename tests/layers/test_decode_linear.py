@@ -14,4 +14,5 @@ def test_equals_f_linear(bias, rows, out_features):
     torch.manual_seed(0)
     linear = nn.Linear(24, out_features, bias=bias).double()
     x = torch.randn(rows, 24, dtype=torch.float64)
-    torch.testing.assert_close(decode_linear(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-12, atol=1e-12)
+    expected = F.linear(x, linear.weight, linear.bias)
+    torch.testing.assert_close(decode_linear(linear, x), expected, rtol=1e-12, atol=1e-12)

@@ -34,8 +34,7 @@ def decode_linear(linear: nn.Linear, x: Tensor) -> Tensor:
     ):
         return F.linear(x, W, linear.bias)
     blocks, xt = W.view(BLOCKS, out_features // BLOCKS, W.shape[1]), x.T.expand(BLOCKS, -1, -1)
-    if linear.bias is None:
-        y = blocks.bmm(xt)
-    else:  # the bias added inside the product: one operation less per linear and step
-        y = torch.baddbmm(linear.bias.view(BLOCKS, -1, 1), blocks, xt)
+    # With a bias, it is added inside the product: one operation less per linear and step.
+    bias = None if linear.bias is None else linear.bias.view(BLOCKS, -1, 1)
+    y = blocks.bmm(xt) if bias is None else torch.baddbmm(bias, blocks, xt)
     return y.reshape(out_features, rows).T
