@@ -105,6 +105,27 @@ def test_interrupted_tokenization_leaves_nothing_behind(tmp_path, monkeypatch):
     assert len(tokens_of(tokenize_corpus(str(tmp_path / "*.txt"), BYTES, tmp_path / "cache", progress=False))) == 21
 
 
+def test_a_corpus_finished_meanwhile_by_another_process_is_used(tmp_path, monkeypatch):
+    """Two runs tokenizing the same text at once: the one that renames second keeps the first one's corpus."""
+    (tmp_path / "a.txt").write_text("same text")
+    cache = tmp_path / "cache"
+    first = tokenize_corpus(str(tmp_path / "a.txt"), BYTES, cache, progress=False)
+    final = first.path
+    aside = tmp_path / "aside"
+    os.replace(final, aside)
+    real = text_module._write_shards
+
+    def racing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        os.replace(aside, final)  # the other process's rename lands while this one is still writing
+        return out
+
+    monkeypatch.setattr(text_module, "_write_shards", racing)
+    again = tokenize_corpus(str(tmp_path / "a.txt"), BYTES, cache, progress=False)
+    assert len(tokens_of(again)) == len(tokens_of(first)) == 10
+    assert [p.name for p in (cache / "corpora").iterdir()] == [final.name]  # no temporary directory left
+
+
 def test_shards_roll_over_and_large_vocabularies_use_uint32(tmp_path, monkeypatch):
     monkeypatch.setattr(text_module, "SHARD_TOKENS", 8)
     monkeypatch.setattr(text_module, "FLUSH_TOKENS", 3)

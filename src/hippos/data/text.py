@@ -267,10 +267,12 @@ def tokenize_corpus(
                 "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
                 "sources": [s.describe() for s in sources]}  # fmt: skip
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # another process finished the same corpus first: theirs is as good
-            shutil.rmtree(work)
-        else:
+        try:
             os.replace(work, final)
+        except OSError:  # another process (a parallel run) finished the same corpus first: theirs is as good
+            if not (final / "meta.json").is_file():
+                raise
+            shutil.rmtree(work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
