@@ -113,14 +113,14 @@ def test_a_corpus_finished_meanwhile_by_another_process_is_used(tmp_path, monkey
     final = first.path
     aside = tmp_path / "aside"
     os.replace(final, aside)
-    real = text_module._write_shards
+    real_replace = os.replace
 
-    def racing(*args, **kwargs):
-        out = real(*args, **kwargs)
-        os.replace(aside, final)  # the other process's rename lands while this one is still writing
-        return out
+    def racing(src, dst):
+        if dst == final and src != aside:  # the other process's rename lands just before this one's
+            real_replace(aside, final)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(text_module, "_write_shards", racing)
+    monkeypatch.setattr(os, "replace", racing)
     again = tokenize_corpus(str(tmp_path / "a.txt"), BYTES, cache, progress=False)
     assert len(tokens_of(again)) == len(tokens_of(first)) == 10
     assert [p.name for p in (cache / "corpora").iterdir()] == [final.name]  # no temporary directory left
