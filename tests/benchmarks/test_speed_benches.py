@@ -50,7 +50,9 @@ def test_generate_bench_records_prefill_and_decode():
     result = run_generate_bench(cfg)
     assert [r["model"] for r in result["rows"]] == ["h3", "gpt2"]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in result["rows"])
-    assert "x GPT-2 decode" in generate_table(result)
+    assert all(r["bandwidth_gbs"] > 0 for r in result["rows"])  # batch 1: the floor's bandwidth, per process
+    table = generate_table(result)
+    assert "x GPT-2 decode" in table and "measured in each row's process" in table
 
 
 @pytest.mark.parametrize("bad", [{"models": ("mamba",)}, {"batch": 0}, {"lengths": ()}])
