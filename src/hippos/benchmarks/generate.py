@@ -142,13 +142,12 @@ def run_generate_bench(cfg: GenerateBenchConfig, progress=None) -> dict:
         for m in cfg.models
     ]
     rows = run_jobs(measure_generate, jobs, progress)
-    return {"config": asdict(cfg), "machine": machine_info(cfg.device),
-            "bandwidth_gbs": memory_bandwidth(cfg.device), "rows": rows}  # fmt: skip
+    return {"config": asdict(cfg), "machine": machine_info(cfg.device), "rows": rows}
 
 
 def format_table(result: dict, markdown: bool = False) -> str:
     """Rows of tokens/s and memory, decode speed-ups against GPT-2, and the pure-H3 floor ratio."""
-    bw = result["bandwidth_gbs"]
+    bw = result.get("bandwidth_gbs")  # one figure for the whole run: records written before rows had their own
     ok = [r for r in result["rows"] if "error" not in r]
     gpt = {(r["batch"], r["prompt"]): r for r in ok if r["model"] == "gpt2"}
     head = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "prefill MiB", "decode MiB",
@@ -156,18 +155,18 @@ def format_table(result: dict, markdown: bool = False) -> str:
     cells = [head]
     for r in ok:
         base = gpt.get((r["batch"], r["prompt"]))
-        floor_ms = r["weight_bytes"] / ((r.get("bandwidth_gbs") or bw) * 1e9) * 1e3  # the row's own, when measured
+        row_bw = r.get("bandwidth_gbs") or bw  # the row's own, when measured (batch 1)
         cells.append([
             LABELS[r["model"]], str(r["batch"]), str(r["prompt"]), f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_ms_per_step']:.1f}",
             *(f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("prefill_peak_mib", "decode_peak_mib")),
             f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-",
-            f"{r['decode_ms_per_step'] / floor_ms:.2f}" if r["batch"] == 1 else "-",
+            f"{r['decode_ms_per_step'] * row_bw * 1e6 / r['weight_bytes']:.2f}" if r["batch"] == 1 and row_bw else "-",
         ])  # fmt: skip
     out = format_cells(cells, markdown)
     out += [f"failed: {r['model']} batch {r['batch']} prompt {r['prompt']}: {r['error']}"
             for r in result["rows"] if "error" in r]  # fmt: skip
     own = [r["bandwidth_gbs"] for r in ok if r.get("bandwidth_gbs")]
-    where = f"{min(own):.1f}-{max(own):.1f} GB/s, measured in each row's process" if own else f"{bw:.1f} GB/s"
+    where = f"{min(own):.1f}-{max(own):.1f} GB/s, measured in each row's process" if own else f"{bw or 0:.1f} GB/s"
     out.append(f"x floor: decode ms/step over (weight bytes / read bandwidth: {where}), batch 1")
     return "\n".join(out)
