@@ -1,8 +1,15 @@
 """`hippos bench train` and `hippos bench generate` at the tiny shape: records, tables, errors."""
 
-import pytest
+import time
 
-from hippos.benchmarks.generate import GenerateBenchConfig, build_model, run_generate_bench
+import pytest
+import torch
+
+import hippos.benchmarks.generate as generate_bench
+import hippos.layers.attention
+import hippos.layers.h3
+import hippos.models.lm
+from hippos.benchmarks.generate import GenerateBenchConfig, build_model, matvec_ms, run_generate_bench
 from hippos.benchmarks.generate import format_table as generate_table
 from hippos.benchmarks.train_speed import TrainBenchConfig, format_table, measure_train, run_train_bench
 from hippos.models import H3Config
@@ -51,8 +58,61 @@ def test_generate_bench_records_prefill_and_decode():
     assert [r["model"] for r in result["rows"]] == ["h3", "gpt2"]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in result["rows"])
     assert all(r["bandwidth_gbs"] > 0 for r in result["rows"])  # batch 1: the floor's bandwidth, per process
+    assert all(r["x_floor"] > 0 for r in result["rows"])
+    assert result["rows"][0]["matvec_x_floor"] > 0 and result["rows"][1]["matvec_x_floor"] is None
     table = generate_table(result)
-    assert "x GPT-2 decode" in table and "measured in each row's process" in table
+    assert "x GPT-2 decode" in table and "median of the rounds" in table and "matvec x floor" in table
+
+
+def test_floor_ratio_pairs_each_rounds_steps_with_the_bandwidth_sampled_just_before(monkeypatch):
+    model = build_model("h3", "tiny", n_positions=16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    samples = iter([10.0, 20.0, 10.0])  # GB/s, drifting between rounds
+
+    class FakeBandwidth:
+        def __init__(self, device):
+            pass
+
+        def sample(self, repeats):
+            return next(samples)
+
+    monkeypatch.setattr(generate_bench, "ReadBandwidth", FakeBandwidth)
+    with torch.inference_mode():
+        got = generate_bench.floor_ratios(model, lambda: time.sleep(0.004), "cpu", rounds=3, steps=3)
+    ratios = sorted(0.004e3 / (weight_bytes / (bw * 1e6)) for bw in (10.0, 20.0, 10.0))
+    assert got["bandwidth_gbs"] == 10.0 and got["matvec_x_floor"] > 0
+    assert ratios[1] <= got["x_floor"] < ratios[1] * 1.5  # the median round: sleep takes at least its time
+
+
+def test_generate_table_reads_records_from_before_the_paired_floor():
+    row = {"model": "h3", "batch": 1, "prompt": 8, "new_tokens": 4, "prefill_tokens_per_s": 1.0,
+           "decode_tokens_per_s": 100.0, "decode_ms_per_step": 10.0, "prefill_peak_mib": 1.0,
+           "decode_peak_mib": 0.0, "weight_bytes": 2e8}  # fmt: skip
+    table = generate_table({"rows": [row], "bandwidth_gbs": 40.0}, markdown=True)
+    assert "| 2.00 | - |" in table  # 10 ms over a floor of 2e8 bytes / 40 GB/s = 5 ms; no matvec figure
+    assert table.splitlines()[-1] == "x floor: decode ms/step over (weight bytes / read bandwidth: 40.0 GB/s), batch 1"
+
+
+def test_matvec_sweep_multiplies_exactly_the_weights_of_a_decode_step(monkeypatch):
+    model = build_model("hybrid", "tiny", n_positions=16)
+    seen = []
+
+    def record(linear, x):
+        seen.append(linear.weight)
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+    # Every module that runs decode-time products imports the function by name.
+    for module in (hippos.layers.h3, hippos.layers.attention, hippos.models.lm, generate_bench):
+        monkeypatch.setattr(module, "decode_linear", record)
+    with torch.inference_mode():
+        state = model(torch.tensor([[1, 2, 3]]), return_state=True).state
+        model.step(torch.tensor([4]), state)
+        step_weights = {id(w) for w in seen}
+        assert len(seen) == len(step_weights)  # a step reads every weight matrix once
+        seen.clear()
+        matvec_ms(model, repeats=1)
+    assert [id(w) for w in seen[: len(seen) // 2]] == [id(w) for w in seen[len(seen) // 2 :]]  # warm-up + 1
+    assert {id(w) for w in seen} == step_weights
 
 
 @pytest.mark.parametrize("bad", [{"models": ("mamba",)}, {"batch": 0}, {"lengths": ()}])

@@ -8,15 +8,18 @@ decoding adds to the prompt's state: KV caches grow, a recurrent state does not)
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..layers.decode_linear import decode_linear
 from ..models import H3LM, H3Config
-from .measure import PeakMemory, format_cells, machine_info, memory_bandwidth, run_jobs
+from .measure import PeakMemory, ReadBandwidth, format_cells, machine_info, run_jobs, sync
 
 MODELS = ("h3", "hybrid", "transformer", "gpt2")
+FLOOR_ROUNDS, FLOOR_STEPS = 7, 8  # batch 1: rounds of (bandwidth sample, decode steps) for the floor ratio
 LABELS = {
     "h3": "hippos pure H3",
     "hybrid": "hippos hybrid (published attention layers)",
@@ -71,7 +74,8 @@ def build_model(kind: str, preset: str, n_positions: int, device="cpu", seed: in
 
 
 def _build(kind: str, cfg: GenerateBenchConfig):
-    return build_model(kind, cfg.preset, max(cfg.prompts) + cfg.new_tokens, cfg.device, cfg.seed)
+    positions = max(cfg.prompts) + cfg.new_tokens + FLOOR_ROUNDS * FLOOR_STEPS  # the floor's steps go on
+    return build_model(kind, cfg.preset, positions, cfg.device, cfg.seed)
 
 
 def _runner(kind: str, model):
@@ -95,6 +99,55 @@ def _runner(kind: str, model):
     return prefill, model.step
 
 
+def matvec_ms(model: H3LM, device="cpu", repeats: int = 9) -> float:
+    """Median ms of the matrix-vector products alone that one batch-1 decode step does, nothing else.
+
+    Every linear layer of the model (the LM head included) once on a random (1, in) row, by `decode_linear`
+    as the step runs it: the fastest a step could be with every other operation free. Against the floor it
+    says how much of a step's gap is the BLAS kernel's rather than the model's.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = [torch.randn(1, m.in_features, device=device) for m in linears]
+    times = []
+    for _ in range(repeats + 1):  # the first sweep is a warm-up
+        start = time.perf_counter()
+        for linear, x in zip(linears, rows):
+            decode_linear(linear, x)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2] * 1e3
+
+
+def floor_ratios(model, step, device, rounds: int = FLOOR_ROUNDS, steps: int = FLOOR_STEPS) -> dict:
+    """Batch-1 decode step (and its matrix-vector products alone) over the weight-reading floor.
+
+    step() runs one decode step. The floor is weight bytes / read bandwidth. This VM's bandwidth drifts by 2x
+    within minutes, so every round samples it right before timing `steps` decode steps and one matvec sweep:
+    each ratio compares figures taken moments apart, and the medians over the rounds are reported.
+    """
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    probe = ReadBandwidth(device)
+    bandwidths, ratios, matvec_ratios = [], [], []
+    for _ in range(rounds):
+        bandwidth = probe.sample(3)
+        floor_ms = weight_bytes / (bandwidth * 1e6)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        bandwidths.append(bandwidth)
+        ratios.append(statistics.median(times) * 1e3 / floor_ms)
+        if isinstance(model, H3LM):  # GPT-2's Conv1D layers are not what its decode step runs as linears
+            matvec_ratios.append(matvec_ms(model, device, repeats=1) / floor_ms)
+    return {
+        "bandwidth_gbs": statistics.median(bandwidths),
+        "x_floor": statistics.median(ratios),
+        "matvec_x_floor": statistics.median(matvec_ratios) if matvec_ratios else None,
+    }
+
+
 def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfig) -> dict:
     """Prefill and decode tokens/s and peak memory of one model at one (batch, prompt length)."""
     model = _build(kind, cfg)
@@ -106,7 +159,7 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
     def decode(logits, cache, n):
         for _ in range(n):
             logits, cache = step(logits[:, :vocab].argmax(-1), cache)
-        return logits
+        return logits, cache
 
     with torch.inference_mode():
         decode(*prefill(ids[:, :16]), 4)  # warm-up: first-call costs stay out of the figures
@@ -115,18 +168,24 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
             logits, cache = prefill(ids)
             mid = time.perf_counter()
         with PeakMemory(cfg.device) as decode_mem:  # what decoding adds on top of the prompt's state
-            decode(logits, cache, cfg.new_tokens)
+            carry = decode(logits, cache, cfg.new_tokens)
             end = time.perf_counter()
+        floor = {}
+        if batch == 1:  # decoding goes on from where it stopped, one step at a time
+
+            def one_step():
+                nonlocal carry
+                carry = decode(*carry, 1)
+
+            floor = floor_ratios(model, one_step, cfg.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # Right after decoding, in the same process: this VM's bandwidth drifts over minutes (32-66 GB/s measured).
-    bandwidth = memory_bandwidth(cfg.device) if batch == 1 else None
     return {
         "model": kind, "batch": batch, "prompt": prompt, "new_tokens": cfg.new_tokens,
         "prefill_tokens_per_s": batch * prompt / (mid - start),
         "decode_tokens_per_s": batch * cfg.new_tokens / (end - mid),
         "decode_ms_per_step": (end - mid) / cfg.new_tokens * 1e3,
         "prefill_peak_mib": prefill_mem.mib, "decode_peak_mib": decode_mem.mib, "weight_bytes": weight_bytes,
-        "bandwidth_gbs": bandwidth,
+        **floor,
     }  # fmt: skip
 
 
@@ -151,22 +210,34 @@ def format_table(result: dict, markdown: bool = False) -> str:
     ok = [r for r in result["rows"] if "error" not in r]
     gpt = {(r["batch"], r["prompt"]): r for r in ok if r["model"] == "gpt2"}
     head = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "prefill MiB", "decode MiB",
-            "x GPT-2 decode", "x floor"]  # fmt: skip
+            "x GPT-2 decode", "x floor", "matvec x floor"]  # fmt: skip
     cells = [head]
     for r in ok:
         base = gpt.get((r["batch"], r["prompt"]))
-        row_bw = r.get("bandwidth_gbs") or bw  # the row's own, when measured (batch 1)
+        x_floor = r.get("x_floor")  # paired round by round; older records: from one bandwidth figure
+        row_bw = r.get("bandwidth_gbs") or bw
+        if x_floor is None and r["batch"] == 1 and row_bw:
+            x_floor = r["decode_ms_per_step"] * row_bw * 1e6 / r["weight_bytes"]
         cells.append([
             LABELS[r["model"]], str(r["batch"]), str(r["prompt"]), f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_ms_per_step']:.1f}",
             *(f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("prefill_peak_mib", "decode_peak_mib")),
             f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-",
-            f"{r['decode_ms_per_step'] * row_bw * 1e6 / r['weight_bytes']:.2f}" if r["batch"] == 1 and row_bw else "-",
+            f"{x_floor:.2f}" if x_floor else "-",
+            f"{r['matvec_x_floor']:.2f}" if r.get("matvec_x_floor") else "-",
         ])  # fmt: skip
     out = format_cells(cells, markdown)
     out += [f"failed: {r['model']} batch {r['batch']} prompt {r['prompt']}: {r['error']}"
             for r in result["rows"] if "error" in r]  # fmt: skip
     own = [r["bandwidth_gbs"] for r in ok if r.get("bandwidth_gbs")]
     where = f"{min(own):.1f}-{max(own):.1f} GB/s, measured in each row's process" if own else f"{bw or 0:.1f} GB/s"
-    out.append(f"x floor: decode ms/step over (weight bytes / read bandwidth: {where}), batch 1")
+    floor = "weight bytes / read bandwidth"
+    if any("x_floor" in r for r in ok):
+        out.append(
+            f"x floor (batch 1): decode ms/step over ({floor}), the bandwidth sampled right before each of "
+            f"{FLOOR_ROUNDS} rounds of {FLOOR_STEPS} steps, median of the rounds (bandwidth {where})"
+        )
+        out.append("matvec x floor: the step's matrix-vector products alone (every linear layer once), same rounds")
+    else:
+        out.append(f"x floor: decode ms/step over ({floor}: {where}), batch 1")
     return "\n".join(out)

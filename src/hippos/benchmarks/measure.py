@@ -130,21 +130,27 @@ def matmul_gflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
     return 1e3 * matmul_tflops(device, size, repeats)
 
 
-def memory_bandwidth(device="cpu", gib: float = 1.0, repeats: int = 7) -> float:
-    """Measured read bandwidth (GB/s): summing a tensor far larger than any cache, all threads.
+class ReadBandwidth:
+    """This machine's read bandwidth (GB/s), sampled on demand: sums over a tensor far larger than any cache.
 
-    The best of the repeats, as bandwidth benchmarks report it: the highest bandwidth gives the lowest
-    (strictest) floor for anything compared against it.
+    The tensor is made once, so that samples can be taken between other measurements at little cost.
     """
-    x = torch.ones(int(gib * 2**30) // 4, device=device)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
+
+    def __init__(self, device="cpu", gib: float = 1.0):
+        self.device = device
+        self.x = torch.ones(int(gib * 2**30) // 4, device=device)
+        self.x.sum()  # first touch of every page stays out of the samples
+
+    def sample(self, repeats: int = 7) -> float:
+        """The best of `repeats` timed sums, as bandwidth benchmarks report it: the highest bandwidth gives
+        the lowest (strictest) floor for anything compared against it."""
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.x.sum()
+            sync(self.device)
+            best = min(best, time.perf_counter() - start)
+        return self.x.numel() * 4 / best / 1e9
 
 
 def machine_info(device="cpu") -> dict:
