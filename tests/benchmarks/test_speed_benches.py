@@ -66,7 +66,7 @@ def test_generate_bench_records_prefill_and_decode():
 
 def test_floor_ratio_pairs_each_rounds_steps_with_the_bandwidth_sampled_just_before(monkeypatch):
     model = build_model("h3", "tiny", n_positions=16)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = generate_bench.weight_bytes(model)
     samples = iter([10.0, 20.0, 10.0])  # GB/s, drifting between rounds
 
     class FakeBandwidth:

@@ -99,6 +99,11 @@ def _runner(kind: str, model):
     return prefill, model.step
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters, a tied head counted once: what a decode step reads at least."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def matvec_ms(model: H3LM, device="cpu", repeats: int = 9) -> float:
     """Median ms of the matrix-vector products alone that one batch-1 decode step does, nothing else.
 
@@ -125,12 +130,12 @@ def floor_ratios(model, step, device, rounds: int = FLOOR_ROUNDS, steps: int = F
     within minutes, so every round samples it right before timing `steps` decode steps and one matvec sweep:
     each ratio compares figures taken moments apart, and the medians over the rounds are reported.
     """
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     probe = ReadBandwidth(device)
     bandwidths, ratios, matvec_ratios = [], [], []
     for _ in range(rounds):
         bandwidth = probe.sample(3)
-        floor_ms = weight_bytes / (bandwidth * 1e6)
+        floor_ms = weights / (bandwidth * 1e6)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -178,13 +183,12 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
                 carry = decode(*carry, 1)
 
             floor = floor_ratios(model, one_step, cfg.device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "model": kind, "batch": batch, "prompt": prompt, "new_tokens": cfg.new_tokens,
         "prefill_tokens_per_s": batch * prompt / (mid - start),
         "decode_tokens_per_s": batch * cfg.new_tokens / (end - mid),
         "decode_ms_per_step": (end - mid) / cfg.new_tokens * 1e3,
-        "prefill_peak_mib": prefill_mem.mib, "decode_peak_mib": decode_mem.mib, "weight_bytes": weight_bytes,
+        "prefill_peak_mib": prefill_mem.mib, "decode_peak_mib": decode_mem.mib, "weight_bytes": weight_bytes(model),
         **floor,
     }  # fmt: skip
 
