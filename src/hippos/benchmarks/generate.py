@@ -16,7 +16,7 @@ import torch
 
 from ..layers.decode_linear import decode_linear
 from ..models import H3LM, H3Config
-from .measure import PeakMemory, ReadBandwidth, format_cells, machine_info, run_jobs, sync
+from .measure import PeakMemory, ReadBandwidth, format_cells, machine_info, median_time, run_jobs
 
 MODELS = ("h3", "hybrid", "transformer", "gpt2")
 FLOOR_ROUNDS, FLOOR_STEPS = 7, 8  # batch 1: rounds of (bandwidth sample, decode steps) for the floor ratio
@@ -113,14 +113,12 @@ def matvec_ms(model: H3LM, device="cpu", repeats: int = 9) -> float:
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = [torch.randn(1, m.in_features, device=device) for m in linears]
-    times = []
-    for _ in range(repeats + 1):  # the first sweep is a warm-up
-        start = time.perf_counter()
+
+    def sweep():
         for linear, x in zip(linears, rows):
             decode_linear(linear, x)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2] * 1e3
+
+    return median_time(sweep, repeats, device) * 1e3
 
 
 def floor_ratios(model, step, device, rounds: int = FLOOR_ROUNDS, steps: int = FLOOR_STEPS) -> dict:
@@ -136,14 +134,8 @@ def floor_ratios(model, step, device, rounds: int = FLOOR_ROUNDS, steps: int = F
     for _ in range(rounds):
         bandwidth = probe.sample(3)
         floor_ms = weights / (bandwidth * 1e6)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - start)
         bandwidths.append(bandwidth)
-        ratios.append(statistics.median(times) * 1e3 / floor_ms)
+        ratios.append(median_time(step, steps, device, warmup=0) * 1e3 / floor_ms)
         if isinstance(model, H3LM):  # GPT-2's Conv1D layers are not what its decode step runs as linears
             matvec_ratios.append(matvec_ms(model, device, repeats=1) / floor_ms)
     return {
