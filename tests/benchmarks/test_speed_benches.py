@@ -84,15 +84,6 @@ def test_floor_ratio_pairs_each_rounds_steps_with_the_bandwidth_sampled_just_bef
     assert ratios[1] <= got["x_floor"] < ratios[1] * 1.5  # the median round: sleep takes at least its time
 
 
-def test_generate_table_reads_records_from_before_the_paired_floor():
-    row = {"model": "h3", "batch": 1, "prompt": 8, "new_tokens": 4, "prefill_tokens_per_s": 1.0,
-           "decode_tokens_per_s": 100.0, "decode_ms_per_step": 10.0, "prefill_peak_mib": 1.0,
-           "decode_peak_mib": 0.0, "weight_bytes": 2e8}  # fmt: skip
-    table = generate_table({"rows": [row], "bandwidth_gbs": 40.0}, markdown=True)
-    assert "| 2.00 | - |" in table  # 10 ms over a floor of 2e8 bytes / 40 GB/s = 5 ms; no matvec figure
-    assert table.splitlines()[-1] == "x floor: decode ms/step over (weight bytes / read bandwidth: 40.0 GB/s), batch 1"
-
-
 def test_matvec_sweep_multiplies_exactly_the_weights_of_a_decode_step(monkeypatch):
     model = build_model("hybrid", "tiny", n_positions=16)
     seen = []

@@ -202,7 +202,6 @@ def run_generate_bench(cfg: GenerateBenchConfig, progress=None) -> dict:
 
 def format_table(result: dict, markdown: bool = False) -> str:
     """Rows of tokens/s and memory, decode speed-ups against GPT-2, and the pure-H3 floor ratio."""
-    bw = result.get("bandwidth_gbs")  # one figure for the whole run: records written before rows had their own
     ok = [r for r in result["rows"] if "error" not in r]
     gpt = {(r["batch"], r["prompt"]): r for r in ok if r["model"] == "gpt2"}
     head = ["model", "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "prefill MiB", "decode MiB",
@@ -210,30 +209,22 @@ def format_table(result: dict, markdown: bool = False) -> str:
     cells = [head]
     for r in ok:
         base = gpt.get((r["batch"], r["prompt"]))
-        x_floor = r.get("x_floor")  # paired round by round; older records: from one bandwidth figure
-        row_bw = r.get("bandwidth_gbs") or bw
-        if x_floor is None and r["batch"] == 1 and row_bw:
-            x_floor = r["decode_ms_per_step"] * row_bw * 1e6 / r["weight_bytes"]
         cells.append([
             LABELS[r["model"]], str(r["batch"]), str(r["prompt"]), f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_ms_per_step']:.1f}",
             *(f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("prefill_peak_mib", "decode_peak_mib")),
             f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-",
-            f"{x_floor:.2f}" if x_floor else "-",
-            f"{r['matvec_x_floor']:.2f}" if r.get("matvec_x_floor") else "-",
+            *(f"{r[k]:.2f}" if r.get(k) else "-" for k in ("x_floor", "matvec_x_floor")),
         ])  # fmt: skip
     out = format_cells(cells, markdown)
     out += [f"failed: {r['model']} batch {r['batch']} prompt {r['prompt']}: {r['error']}"
             for r in result["rows"] if "error" in r]  # fmt: skip
     own = [r["bandwidth_gbs"] for r in ok if r.get("bandwidth_gbs")]
-    where = f"{min(own):.1f}-{max(own):.1f} GB/s, measured in each row's process" if own else f"{bw or 0:.1f} GB/s"
-    floor = "weight bytes / read bandwidth"
-    if any("x_floor" in r for r in ok):
+    if own:
         out.append(
-            f"x floor (batch 1): decode ms/step over ({floor}), the bandwidth sampled right before each of "
-            f"{FLOOR_ROUNDS} rounds of {FLOOR_STEPS} steps, median of the rounds (bandwidth {where})"
+            f"x floor (batch 1): decode ms/step over (weight bytes / read bandwidth), the bandwidth sampled right "
+            f"before each of {FLOOR_ROUNDS} rounds of {FLOOR_STEPS} steps, median of the rounds (bandwidth "
+            f"{min(own):.1f}-{max(own):.1f} GB/s, measured in each row's process)"
         )
         out.append("matvec x floor: the step's matrix-vector products alone (every linear layer once), same rounds")
-    else:
-        out.append(f"x floor: decode ms/step over ({floor}: {where}), batch 1")
     return "\n".join(out)
