@@ -16,7 +16,11 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from hippos import H3LM, H3Config  # noqa: E402
-from hippos.models.hf import H3Cache, H3ForCausalLM, H3HFConfig  # noqa: E402
+from hippos.models.hf import _CACHE_FIELD, H3Cache, H3ForCausalLM, H3HFConfig  # noqa: E402
+
+# generate()'s name for the cache: `cache` from transformers 5.24, `past_key_values` before (both are tested:
+# `make test` runs the locked, newest release; `make test-lowest` the oldest pyproject allows).
+CACHE = _CACHE_FIELD
 from hippos.models.hf_registration import register  # noqa: E402
 
 VARIANTS = {
@@ -85,9 +89,9 @@ def test_logits_equal_native(variant):
         native = lm(ids).logits
         out = hf(ids)
         (as_tuple,) = hf(ids, return_dict=False)
-    torch.testing.assert_close(out.logits[..., :V], native[..., :V], rtol=0, atol=1e-12)
-    assert torch.isneginf(out.logits[..., V:]).all(), "padding ids must be impossible"
-    assert out.past_key_values is None and out.loss is None
+    assert out.logits.shape == (2, 11, V), "logits over the real vocabulary: padding ids are no tokens"
+    torch.testing.assert_close(out.logits, native[..., :V], rtol=0, atol=1e-12)
+    assert getattr(out, CACHE) is None and out.loss is None
     torch.testing.assert_close(as_tuple, out.logits, rtol=0, atol=0)
 
 
@@ -103,7 +107,7 @@ def test_loss_is_native_loss_with_shifted_labels(variant):
     hf_loss = hf(ids, labels=labels).loss
     native_loss = lm(ids, labels=shifted).loss
     torch.testing.assert_close(hf_loss, native_loss, rtol=1e-6, atol=1e-6)
-    hf_loss.backward()  # masking the padding ids keeps the graph intact
+    hf_loss.backward()
     assert lm.backbone.embeddings.word_embeddings.weight.grad is not None
     # Trainer's gradient accumulation: sum over the batch's tokens / the count it passes
     count = int((shifted != -100).sum())
@@ -123,10 +127,37 @@ def test_attention_mask_rules():
         holes[0, 3] = 0
         with pytest.raises(ValueError, match="left padding"):
             hf(ids, attention_mask=holes)
-        cache = hf(ids, use_cache=True).past_key_values
+        cache = hf(ids, use_cache=True)[CACHE]
         assert isinstance(cache, H3Cache) and cache.get_seq_length() == 8 and len(cache) == 2
         with pytest.raises(ValueError, match="start of a sequence"):
-            hf(ids[:, :1], attention_mask=torch.tensor([[1] * 8 + [1], [1] * 8 + [0]]), past_key_values=cache)
+            hf(ids[:, :1], attention_mask=torch.tensor([[1] * 8 + [1], [1] * 8 + [0]]), cache=cache)
+
+
+def test_the_cache_is_taken_under_either_name_and_nothing_is_ignored():
+    """transformers 5.24 renamed past_key_values to cache and stopped passing the old name: a wrapper that missed
+    the new name dropped the state from the second token on, silently. Every keyword is now read or refused."""
+    lm, hf = make("hybrid", torch.float64)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        whole = hf(ids).logits
+        cache = hf(ids[:, :4], use_cache=True)[CACHE]
+        for name in ("cache", "past_key_values"):
+            rest = hf(ids[:, 4:], **{name: cache}).logits
+            torch.testing.assert_close(rest, whole[:, 4:], rtol=0, atol=1e-12, msg=name)
+        with pytest.raises(TypeError, match="not both"):
+            hf(ids[:, 4:], cache=cache, past_key_values=cache)
+        with pytest.raises(TypeError, match="H3Cache"):
+            hf(ids[:, 4:], cache=(torch.zeros(1),))
+        with pytest.raises(TypeError, match="does not understand: cache_params"):
+            hf(ids, cache_params=cache)
+        with pytest.raises(NotImplementedError, match="position_ids"):
+            hf(ids, position_ids=torch.arange(6).expand(2, 6))
+        with pytest.raises(NotImplementedError, match="inputs_embeds"):
+            hf(ids, inputs_embeds=torch.zeros(2, 6, lm.config.d_model))
+        with pytest.raises(ValueError, match="cache_position"):
+            hf(ids[:, 4:], cache=cache, cache_position=torch.tensor([0, 1]))
+        # What transformers passes with empty values, and positions that agree with the cache, are fine.
+        hf(ids[:, 4:], cache=cache, cache_position=torch.tensor([4, 5]), inputs_embeds=None, output_attentions=False)
 
 
 # ---- generate ----------------------------------------------------------------------------------------------
@@ -168,10 +199,10 @@ def test_cache_paths_agree():
     torch.testing.assert_close(generate(hf, prompt, 6, num_beams=3, use_cache=False, **opts), beams, rtol=0, atol=0)
 
     first = hf.generate(prompt[:1], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    cache = first.past_key_values
+    cache = first[CACHE]
     assert isinstance(cache, H3Cache) and cache.get_seq_length() == 5 + 3 - 1
     for _ in range(2):  # a cache is a value: it can seed a continuation twice
-        more = generate(hf, first.sequences, 3, past_key_values=cache)
+        more = generate(hf, first.sequences, 3, **{CACHE: cache})
         torch.testing.assert_close(more, generate(hf, prompt[:1], 6), rtol=0, atol=0)
 
 
@@ -183,7 +214,7 @@ def test_generate_never_emits_padding_ids():
         lm.lm_head.weight[V:] = 0.0
         lm.lm_head.weight[V:, 0] = 10.0
         prompt = torch.randint(0, V, (4, 5))
-        assert (lm(prompt).logits[:, -1].argmax(-1) >= V).all(), "the padding ids would win without the mask"
+        assert (lm(prompt).logits[:, -1].argmax(-1) >= V).all(), "the padding ids would win if they were offered"
     assert generate(hf, prompt, 5).max() < V
     torch.manual_seed(1)
     assert hf.generate(prompt, max_new_tokens=5, do_sample=True, top_k=0, temperature=3.0).max() < V

@@ -12,8 +12,9 @@ parallel (H3LM.forward with return_state=True, left padding through attention_ma
 through H3LM.step. An H3Cache is a value: a forward pass returns a new one and never changes the one it was
 given, so a cache kept after a prompt can seed several continuations.
 
-Logits keep H3LM's padded vocabulary (a multiple of 8) but the padding ids get -inf, so that generate(), greedy
-or sampled, never emits an id >= config.vocab_size.
+Logits cover the config's vocab_size ids, as transformers expects (generate() and beam search size their
+buffers by it): H3LM's embedding is padded to a multiple of 8, and the padding ids, which are no tokens, are
+left out (a view, no copy), so generate() never emits one.
 
 This module imports transformers; `hippos.models.hf_registration` registers it with the Auto classes.
 """
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from ..layers import H3, S4D, DiagonalSSM, H3State, ShiftSSM
 from ..layers.attention import KVCache, MultiHeadAttention
+from ..ops.checks import values_known
 from .config import MODEL_TYPE, H3Config
 from .hf_registration import register
 from .lm import H3LM
@@ -42,6 +44,10 @@ except ImportError as err:
     raise ImportError(
         f"hippos' Hugging Face interface needs transformers >= 5 ({err}): pip install 'transformers>=5'"
     ) from err
+
+
+# transformers 5.24 renamed the outputs' (and generate()'s) past_key_values to cache; use the name it has.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class H3HFConfig(PreTrainedConfig):
@@ -105,6 +111,13 @@ class H3Cache:
     seq_length: int  # positions seen, left padding included (what transformers counts)
     is_compileable: ClassVar[bool] = False
     is_croppable: ClassVar[bool] = False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """False for every block: transformers (>= 5.24) then cuts a continued prompt to the tokens this cache has
+        not seen, which is right here because the cache counts them (it leaves whole prompts to linear-attention
+        caches that do not)."""
+        return [False] * len(self.states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions seen so far (generate() slices the prompt of a continued generation with it)."""
@@ -244,28 +257,27 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        cache: H3Cache | None = None,
         past_key_values: H3Cache | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         num_items_in_batch: int | Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """input_ids (B, L) -> CausalLMOutputWithPast(loss, logits (B, L, padded vocab), past_key_values).
+        """input_ids (B, L) -> CausalLMOutputWithPast(loss, logits (B, L, vocab_size), cache).
 
         labels (B, L) follow transformers' convention: shifted here, so position t is scored on labels[t + 1];
         -100 is ignored. attention_mask (B, L) or (B, past + L): 1 for tokens, 0 for padding, which may only be
         left padding at the start of the sequence (or right padding without a cache: the model is causal, so
-        it cannot change the real positions). use_cache: return an H3Cache (default: only when one was given).
-        num_items_in_batch: the Trainer's token count for gradient accumulation (loss = sum / count).
+        it cannot change the real positions). cache: an H3Cache from an earlier call (`past_key_values` is its
+        name before transformers 5.24; either is taken, not both). use_cache: return an H3Cache (default: only
+        when one was given). num_items_in_batch: the Trainer's token count for gradient accumulation
+        (loss = sum / count). Any other argument is refused: ignoring one would silently change the result.
         """
-        if kwargs.get("inputs_embeds") is not None:
-            raise NotImplementedError("H3ForCausalLM takes input_ids, not inputs_embeds")
-        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            raise NotImplementedError("H3ForCausalLM returns neither attentions nor hidden states")
+        past_key_values = _one_cache(cache, past_key_values)
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids (batch, length) are required")
-        if past_key_values is not None and not isinstance(past_key_values, H3Cache):
-            raise TypeError(f"past_key_values must be an H3Cache from this model, got {type(past_key_values).__name__}")
+        _refuse_unsupported(kwargs, past_key_values.seq_length if past_key_values is not None else 0, input_ids)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         use_cache = past_key_values is not None if use_cache is None else use_cache
         lm = self.to_hippos()
@@ -286,11 +298,11 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
             logits, new_state, loss = out.logits, out.state, out.loss
             if loss is not None and num_items_in_batch is not None:
                 loss = loss * (targets != -100).sum() / num_items_in_batch
-        logits = self._mask_padding_ids(logits)
+        logits = logits[..., : self.config.vocab_size]  # a view: the padding ids are no tokens
         cache = H3Cache(new_state, past + length) if use_cache else None
         if not return_dict:
             return tuple(x for x in (loss, logits, cache) if x is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _mask_for_native(mask: Tensor | None, length: int, has_state: bool, use_cache: bool) -> Tensor | None:
@@ -309,16 +321,42 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
             return None  # causal model: tokens after the real ones change nothing before them
         return mask  # H3LM checks that it is left padding
 
-    def _mask_padding_ids(self, logits: Tensor) -> Tensor:
-        """-inf on the embedding's padding ids (>= vocab_size), which are no tokens."""
-        vocab = self.config.vocab_size
-        if logits.shape[-1] == vocab:
-            return logits
-        if logits.requires_grad:
-            is_pad = torch.arange(logits.shape[-1], device=logits.device) >= vocab
-            return logits.masked_fill(is_pad, float("-inf"))
-        logits[..., vocab:] = float("-inf")
-        return logits
+
+def _one_cache(cache: H3Cache | None, past_key_values: H3Cache | None) -> H3Cache | None:
+    """The cache given under either name (transformers 5.24 renamed past_key_values to cache)."""
+    if cache is not None and past_key_values is not None:
+        raise TypeError("give the cache as `cache` or as `past_key_values`, not both")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, H3Cache):
+        raise TypeError(f"the cache must be an H3Cache from this model, got {type(given).__name__}")
+    return given
+
+
+def _refuse_unsupported(kwargs: dict, past: int, input_ids: Tensor) -> None:
+    """Raise for any forward() argument H3ForCausalLM does not act on, unless it asks for nothing.
+
+    transformers passes some of them with empty values (inputs_embeds=None; before 5.24 also cache_position,
+    the new tokens' positions, which the cache already counts); anything that would change the result if
+    honoured is refused rather than ignored.
+    """
+    kwargs = dict(kwargs)
+    positions = kwargs.pop("cache_position", None)
+    if positions is not None:
+        expected = torch.arange(past, past + input_ids.shape[1], device=positions.device)
+        if positions.shape != expected.shape or (values_known(positions) and not torch.equal(positions, expected)):
+            raise ValueError(f"cache_position must be the positions {past} .. {past + input_ids.shape[1] - 1} "
+                             "of the new tokens after the cache")  # fmt: skip
+    refused = {
+        "inputs_embeds": "H3ForCausalLM takes input_ids, not inputs_embeds",
+        "position_ids": "H3 models take positions from the cache and the attention mask, not position_ids",
+        "output_attentions": "H3ForCausalLM returns no attentions",
+        "output_hidden_states": "H3ForCausalLM returns no hidden states",
+    }
+    for name, value in kwargs.items():
+        if name not in refused:
+            raise TypeError(f"H3ForCausalLM.forward() got an argument it does not understand: {name}")
+        if value is not None and value is not False:
+            raise NotImplementedError(refused[name])
 
 
 def _copy_parameters(module: nn.Module, fresh: nn.Module) -> None:
