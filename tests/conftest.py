@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 
+from hippos.data.examples import EXAMPLES, example_path
 from hippos.ops import discretize, ssm_A
+
+# The team's copies of the example texts, beside the checkout when there is one (no test requires them).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _token_cache(tmp_path_factory):
-    """Tokenized text goes to a temporary folder, never the user's ~/.cache/hippos (workers inherit it)."""
+    """Tokenized text and example files go to a temporary folder, never ~/.cache/hippos (workers inherit it).
+
+    Example files found in SHARED_DATA are put there first, so nothing that uses them downloads them.
+    """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HIPPOS_CACHE", str(tmp_path_factory.mktemp("hippos-cache")))
+        for name, entry in EXAMPLES.items():
+            if (SHARED_DATA / entry.filename).is_file():
+                example_path(name).parent.mkdir(exist_ok=True)
+                shutil.copyfile(SHARED_DATA / entry.filename, example_path(name))
         yield
 
 

@@ -4,11 +4,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
-from .config import add_arguments, from_overrides
+from .config import INT_MAX, add_arguments, from_overrides
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the problem, then where help is), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(low: int):
+    """An argparse type: an integer from `low` to INT_MAX."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= INT_MAX:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {INT_MAX}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            shown = f"{'above' if low_open else 'at least'} {low:g}" + (
+                "" if high == math.inf else f" and at most {high:g}"
+            )
+            raise argparse.ArgumentTypeError(f"expected a finite number {shown}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _input_file(text: str) -> str:
+    """An argparse type: a file that exists."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file" + (" (it is a folder)" if Path(text).is_dir() else ""))
+    return text
+
+
+def _output_file(text: str) -> str:
+    """An argparse type: where a result file goes (not a folder; its folder must exist)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file to write")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder {path.parent} does not exist")
+    return text
+
+
+def _output_dir(text: str) -> str:
+    """An argparse type: a folder to write into (it may not exist yet, but must not be a file)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; name a folder")
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise argparse.ArgumentTypeError(f"{text}: a part of that path is a file, not a folder")
+    return text
 
 
 def _progress_bar(total_desc: str):
@@ -45,9 +114,6 @@ def _bench_layer(args: argparse.Namespace) -> int:
     from .benchmarks.layer import LayerBenchConfig, format_table, plot, quick_config, run_layer_bench
 
     cfg = from_overrides(LayerBenchConfig, args, base=quick_config() if args.quick else None)
-    unknown = set(cfg.impls) - {"hippos", "official", "attention"}
-    if unknown:
-        raise SystemExit(f"unknown implementation(s) {sorted(unknown)}; choose from hippos, official, attention")
     print(
         f"H3 layer benchmark: d_model {cfg.d_model}, batch {cfg.batch}, L in {list(cfg.lengths)}, "
         f"fp32 on {cfg.device}; every figure from a fresh process",
@@ -92,19 +158,16 @@ class _TextStreamer:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_tokenizer
+    from .data.tokenizers import default_tokenizer, load_tokenizer
     from .models import H3LM
+    from .training.lm import check_tokenizer_fits
 
-    model = H3LM.from_pretrained(args.model, **({"n_head": args.n_head} if args.n_head else {}))
-    name = args.tokenizer or ("gpt2" if model.config.vocab_size == 50257 else "bytes")
-    tokenizer = load_tokenizer(name)
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
-        raise ValueError(
-            f"tokenizer {name!r} has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
-        )
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
+    if not args.prompt:
         raise ValueError("the prompt is empty: give at least one character of text")
+    model = H3LM.from_pretrained(args.model, **({"n_head": args.n_head} if args.n_head else {}))
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, model.config.vocab_size))
+    check_tokenizer_fits(model.config, tokenizer)
+    ids = tokenizer.encode(args.prompt)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     sys.stdout.write(args.prompt)
     model.generate(
@@ -154,6 +217,9 @@ def _train_sections(args: argparse.Namespace, overrides: list[str]) -> dict:
             raise ValueError("give --config FILE (see configs/), or --resume with an --out directory holding run.json")
         path = _recorded_tables(recorded)
     tables = path if isinstance(path, dict) else read_run_file(path)
+    if "data" not in tables and "task" not in tables:
+        raise ValueError(f"{path} has neither a [task] table (a synthetic task) nor a [data] table (text to learn); "
+                         "see configs/ for examples")  # fmt: skip
     lm = "data" in tables
     second = {"data": LMDataConfig} if lm else {"task": SyntheticDataConfig}
     # The model table is built once the data is known: its vocabulary comes from the data by default.
@@ -161,6 +227,12 @@ def _train_sections(args: argparse.Namespace, overrides: list[str]) -> dict:
     vocab = load_tokenizer(run["data"].tokenizer).vocab_size if lm else run["task"].spec().model_vocab_size
     run["model"] = H3Config.from_table(run["model"], vocab)
     return run
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to start a fresh run over a finished or interrupted one (its files would be overwritten)."""
+    if not resume and (out / "run.json").exists():
+        raise ValueError(f"{out} already holds a run (run.json): pass --resume to continue it, or choose another --out")
 
 
 def _recorded_tables(path) -> dict:
@@ -177,6 +249,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .training.synthetic import run_synthetic
 
     run = _train_sections(args, overrides)
+    _check_run_dir(Path(args.out), args.resume)
+    if "data" in run:  # the text exists (example data is fetched now), before anything is printed
+        run["data"].check_sources()
     model, train = run["model"], run["train"]
     mixers = ", ".join(model.mixer(i) for i in range(model.n_layer))
     if "data" in run:
@@ -236,29 +311,22 @@ def _eval_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_tokenizer(model_dir: str, config) -> str:
-    """The tokenizer a model was trained with (its run.json), else bytes for a 257-id vocabulary, else GPT-2's."""
-    from pathlib import Path
-
-    record = Path(model_dir) / "run.json"
-    if record.is_file():
-        data = json.loads(record.read_text()).get("data", {})
-        if isinstance(data, dict) and "tokenizer" in data:
-            return data["tokenizer"]
-    return "bytes" if config.vocab_size == 257 else "gpt2"
-
-
 def _eval_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from .data.text import tokenize_corpus
-    from .data.tokenizers import load_tokenizer
+    from .config import check_device_name
+    from .data.text import find_sources, tokenize_corpus
+    from .data.tokenizers import default_tokenizer, load_tokenizer
     from .evaluation.perplexity import perplexity
     from .models import H3LM
     from .training.lm import check_tokenizer_fits
 
+    if args.stride is not None and args.stride > args.context:
+        raise ValueError(f"--stride {args.stride} must not exceed --context {args.context}: tokens would be skipped")
+    check_device_name(args.device)
+    find_sources(args.data)  # a missing file is reported before the model is loaded
     model = H3LM.from_pretrained(args.model, device=args.device)
-    tokenizer = load_tokenizer(args.tokenizer or _model_tokenizer(args.model, model.config))
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, model.config.vocab_size))
     check_tokenizer_fits(model.config, tokenizer)
     corpus = tokenize_corpus(args.data, tokenizer, args.cache_dir, args.text_field, progress=not args.quiet)
     tokens = corpus.concatenated()
@@ -382,9 +450,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench_parser(bench, name: str, help: str, cls: type, func, plot: str | None = None):
     """A `hippos bench NAME` parser: --json, --markdown, --plot (when the benchmark draws one) and cls's fields."""
     parser = bench.add_parser(name, help=help)
-    parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--json", type=_output_file, help="write the results as JSON here")
     if plot:
-        parser.add_argument("--plot", help=f"write {plot} (PNG) here")
+        parser.add_argument("--plot", type=_output_file, help=f"write {plot} (PNG) here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     add_arguments(parser, cls)
     parser.set_defaults(func=func)
@@ -395,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface."""
     from .benchmarks.layer import LayerBenchConfig
 
-    parser = argparse.ArgumentParser(prog="hippos", description="H3 state space language models.")
+    parser = _Parser(prog="hippos", description="H3 state space language models.")
     parser.add_argument("--version", action="version", version=f"hippos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -404,28 +472,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: the paper's Table 1 (H3, S4D, attention, hybrid on associative recall and induction "
         "head), about 10 minutes on 2 CPU cores",
     )
-    demo.add_argument("--out", default=None, help="directory of the runs (default: runs/demo; finished runs reused)")
-    demo.add_argument("--json", help="also write the results as JSON here")
-    demo.add_argument("--plot", help="training curves (PNG; default: curves.png in the runs' directory)")
+    demo.add_argument("--out", type=_output_dir, default=None,
+                      help="directory of the runs (default: runs/demo; finished runs reused)")  # fmt: skip
+    demo.add_argument("--json", type=_output_file, help="also write the results as JSON here")
+    demo.add_argument(
+        "--plot", type=_output_file, help="training curves (PNG; default: curves.png in the runs' directory)"
+    )
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming to the terminal")
     gen.add_argument("--model", required=True, help="save_pretrained directory, official .pt file or Hub id")
     gen.add_argument("--prompt", required=True, help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding this mass")
-    gen.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    gen.add_argument("--max-new-tokens", type=_integer(1), default=100, help="tokens to generate (default: 100)")
+    gen.add_argument("--temperature", type=_number(0), default=1.0, help="0 is greedy (default: 1.0)")
+    gen.add_argument("--top-k", type=_integer(1), default=None, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=_number(0, 1, low_open=True), default=None,
+                     help="sample from the smallest set holding this mass (0 < p <= 1)")  # fmt: skip
+    gen.add_argument("--seed", type=_integer(0), default=None, help="random seed, for reproducible sampling")
     gen.add_argument("--tokenizer", default=None, help="'bytes' or a Hugging Face tokenizer name or path "
                      "(default: gpt2 for GPT-2-vocabulary models, else bytes)")  # fmt: skip
-    gen.add_argument("--n-head", type=int, default=None, help="attention heads, for official .pt files only")
+    gen.add_argument("--n-head", type=_integer(1), default=None, help="attention heads, for official .pt files only")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="turn an official H3 checkpoint into a from_pretrained directory")
-    conv.add_argument("src", help="official model.pt (plain, Lightning, old names or rotary)")
-    conv.add_argument("dest", help="output directory (config.json + model.safetensors)")
-    conv.add_argument("--n-head", type=int, default=None, help="attention heads (default: published table)")
+    conv.add_argument("src", type=_input_file, help="official model.pt (plain, Lightning, old names or rotary)")
+    conv.add_argument("dest", type=_output_dir, help="output directory (config.json + model.safetensors)")
+    conv.add_argument("--n-head", type=_integer(1), default=None, help="attention heads (default: published table)")
     conv.set_defaults(func=_convert)
 
     tr = sub.add_parser(
@@ -435,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--task.seq_len 40, --data.seq_len 512, --train.steps 500, ... Several processes: torchrun "
         "--nproc_per_node N -m hippos train ...",
     )
-    tr.add_argument("--config", help="TOML run file: [model], [train] and either [task] (a synthetic task) or "
-                    "[data] (text: language modeling); see configs/")  # fmt: skip
-    tr.add_argument("--out", required=True, help="run directory: log.jsonl, checkpoints, the trained model")
+    tr.add_argument("--config", type=_input_file, help="TOML run file: [model], [train] and either [task] (a "
+                    "synthetic task) or [data] (text: language modeling); see configs/")  # fmt: skip
+    tr.add_argument("--out", type=_output_dir, required=True,
+                    help="run directory: log.jsonl, checkpoints, the trained model")  # fmt: skip
     tr.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train, takes_overrides=True)
@@ -447,25 +520,34 @@ def build_parser() -> argparse.ArgumentParser:
     evs.add_argument("--model", required=True, help="save_pretrained directory (a `hippos train` --out)")
     evs.add_argument("--task", default=None, help="associative_recall, induction_head, mqar or a paper preset "
                      "(mqar_64, ...); default: the task the model was trained on")  # fmt: skip
-    for flag in ("vocab-size", "seq-len", "num-pairs", "num-queries", "n-test", "seed"):
-        evs.add_argument(f"--{flag}", type=int, default=None, help=f"the task's {flag.replace('-', '_')}")
-    evs.add_argument("--examples", help=".npz file of inputs, targets, graded (hippos.data.synthetic format)")
-    evs.add_argument("--json", help="also write the result as JSON here")
+    for flag, low in (
+        ("vocab-size", 1),
+        ("seq-len", 1),
+        ("num-pairs", 0),
+        ("num-queries", 0),
+        ("n-test", 1),
+        ("seed", 0),
+    ):
+        evs.add_argument(f"--{flag}", type=_integer(low), default=None, help=f"the task's {flag.replace('-', '_')}")
+    evs.add_argument("--examples", type=_input_file,
+                     help=".npz file of inputs, targets, graded (hippos.data.synthetic format)")  # fmt: skip
+    evs.add_argument("--json", type=_output_file, help="also write the result as JSON here")
     evs.set_defaults(func=_eval_synthetic)
     evp = ev.add_parser("ppl", help="perplexity and bits per byte on text, with a sliding window")
     evp.add_argument("--model", required=True, help="save_pretrained directory, Hub id or official .pt file")
     evp.add_argument("--data", required=True, nargs="+", help="text files, folders, globs, .jsonl or hf:NAME[:SPLIT]")
     evp.add_argument("--tokenizer", default=None, help="bytes, a Hugging Face name or a folder (default: the "
                      "model's own from its run.json, else bytes for 257 ids, else gpt2)")  # fmt: skip
-    evp.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")
-    evp.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the context)")
-    evp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    evp.add_argument("--context", type=_integer(2), default=1024, help="tokens per window (default 1024)")
+    evp.add_argument("--stride", type=_integer(1), default=None, help="tokens between windows (default: the context)")
+    evp.add_argument("--batch-size", type=_integer(1), default=8, help="windows per forward pass (default 8)")
     evp.add_argument("--text-field", default="text", help="the text's field in .jsonl files and datasets")
     evp.add_argument(
-        "--cache-dir", default=None, help="tokenized text cache (default $HIPPOS_CACHE or ~/.cache/hippos)"
-    )
+        "--cache-dir", type=_output_dir, default=None,
+        help="tokenized text cache (default $HIPPOS_CACHE or ~/.cache/hippos)",
+    )  # fmt: skip
     evp.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    evp.add_argument("--json", help="also write the result as JSON here")
+    evp.add_argument("--json", type=_output_file, help="also write the result as JSON here")
     evp.add_argument("--quiet", action="store_true", help="no progress bars")
     evp.set_defaults(func=_eval_ppl)
 
@@ -474,18 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     evh.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     evh.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer name or folder (default: the model's)")
     evh.add_argument("--include-path", default=None, help="folder of task YAML files (local tasks, offline data)")
-    evh.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
-    evh.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (default 1)")
+    evh.add_argument("--limit", type=_integer(1), default=None, help="at most this many examples per task")
+    evh.add_argument("--batch-size", type=_integer(1), default=1, help="requests per forward pass (default 1)")
     evh.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    evh.add_argument("--json", help="also write the results as JSON here")
+    evh.add_argument("--json", type=_output_file, help="also write the results as JSON here")
     evh.set_defaults(func=_eval_harness)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer", required=True)
     tokt = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus (the tokenizers library)")
     tokt.add_argument("--data", required=True, nargs="+", help="text files, folders, globs, .jsonl or hf:NAME[:SPLIT]")
-    tokt.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, end-of-text included")
-    tokt.add_argument("--out", required=True, help="folder for tokenizer.json (loads with --tokenizer FOLDER)")
-    tokt.add_argument("--min-frequency", type=int, default=2, help="a merge must occur this often (default 2)")
+    tokt.add_argument("--vocab-size", type=_integer(258), required=True,
+                      help="ids in the vocabulary, end-of-text included (at least 258)")  # fmt: skip
+    tokt.add_argument("--out", type=_output_dir, required=True,
+                      help="folder for tokenizer.json (loads with --tokenizer FOLDER)")  # fmt: skip
+    tokt.add_argument("--min-frequency", type=_integer(1), default=2, help="a merge must occur this often (default 2)")
     tokt.add_argument("--text-field", default="text", help="the text's field in .jsonl files and datasets")
     tokt.add_argument("--quiet", action="store_true", help="no progress bar")
     tokt.set_defaults(func=_tokenizer_train)
@@ -497,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="short form: L = 512, 2048; 100K streamed tokens (what `hippos demo` runs)",
     )
-    layer.add_argument("--json", help="write the figures as JSON here")
+    layer.add_argument("--json", type=_output_file, help="write the figures as JSON here")
     layer.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    layer.add_argument("--plot", help="write a log-log plot of time against L (PNG) here")
+    layer.add_argument("--plot", type=_output_file, help="write a log-log plot of time against L (PNG) here")
     add_arguments(layer, LayerBenchConfig)
     layer.set_defaults(func=_bench_layer)
 
@@ -522,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     genb = bench.add_parser("generate", help="prefill/decode speed: H3, hybrid, Transformer vs HF GPT-2")
     genb.add_argument("--quick", action="store_true", help="short form: prompt 512, 32 new tokens")
-    genb.add_argument("--json", help="write the figures as JSON here")
+    genb.add_argument("--json", type=_output_file, help="write the figures as JSON here")
     genb.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     add_arguments(genb, GenerateBenchConfig)
     genb.set_defaults(func=_bench_generate)
@@ -538,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, extra) if getattr(args, "takes_overrides", False) else args.func(args)
     except (ValueError, OSError, ImportError) as err:  # bad input, missing files, offline: no traceback
-        print(f"hippos: error: {err}", file=sys.stderr)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # one line, for logs and scripts
+        print(f"hippos: error: {'; '.join(lines) or type(err).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training has written a checkpoint of every finished step by now
         resume = " (continue with --resume)" if getattr(args, "func", None) is _train else ""

@@ -6,6 +6,10 @@ refusing a value that does not fit the field's type before any work starts.
 
 Run files are TOML with one table per section (`[model]`, `[train]`, ...); `load_run` reads one and applies
 `--section.field value` overrides from the command line. Unknown sections and keys are errors.
+
+Every config checks its own values in `__post_init__`, so a config that exists is a valid one: `check_numbers`
+holds the rules all of them share (numbers of the right type, ints within 64 bits and not negative, floats
+finite and not negative, the fields a class names in POSITIVE above zero); each class adds its own.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import argparse
 import dataclasses
 import inspect
 import io
+import math
 import tokenize
+import tomllib
 import typing
 from functools import cache
+
+INT_MAX = 2**63 - 1  # torch and numpy hold counts, ids and seeds in 64 bits: a larger int is a typo or an attack
 
 
 @cache
@@ -35,6 +43,64 @@ def field_docs(cls: type) -> dict[str, str]:
         if tok.type in (tokenize.NEWLINE, tokenize.NL):
             pending = None
     return docs
+
+
+def check_numbers(cfg) -> None:
+    """Refuse a config's ill-typed or out-of-range numbers, naming the field (rules: see the module docstring).
+
+    The class may name fields in POSITIVE (must be > 0) and give other lower bounds for ints in MINIMUM.
+    """
+    positive = getattr(cfg, "POSITIVE", ())
+    minimum = getattr(cfg, "MINIMUM", {})
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        annotation, value = hints[f.name], getattr(cfg, f.name)
+        if typing.get_origin(annotation) is tuple:
+            annotation, values = typing.get_args(annotation)[0], value
+            if not isinstance(values, tuple):
+                raise ValueError(f"{f.name} must be a tuple, got {values!r}")
+        else:
+            values = (value,)
+        if annotation in (int, float):
+            for v in values:
+                _check_number(v, annotation, f.name, f.name in positive, minimum.get(f.name, 0))
+
+
+def _check_number(value, kind: type, name: str, positive: bool, low: int) -> None:
+    """One value of an int or float field (see check_numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if kind is int and value > INT_MAX:
+        raise ValueError(f"{name} is too large ({value}); the limit is {INT_MAX}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_choices(name: str, values: tuple[str, ...], choices, allow_empty: bool = False) -> None:
+    """Refuse names outside `choices` (and an empty tuple unless allowed), listing the known ones."""
+    unknown = [v for v in values if v not in choices]
+    if unknown or not (values or allow_empty):
+        raise ValueError(f"{name} must name one or more of {', '.join(choices)}; got {', '.join(values) or 'none'}")
+
+
+def check_device_name(name: str) -> None:
+    """Refuse a device string torch cannot parse, or an accelerator this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; write cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU that PyTorch can use")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available on this machine")
 
 
 def parse_value(text: str, annotation, name: str):
@@ -74,15 +140,12 @@ def _check_toml_value(value, annotation, where: str):
 def read_run_file(path) -> dict:
     """The tables of a TOML run file; a clear error when it is not valid TOML."""
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-
-    try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (a run file is TOML, UTF-8 text)") from None
 
 
 def load_run(path: str | dict | None, sections: dict[str, type], overrides: list[str] = (), build=None) -> dict:

@@ -1,9 +1,11 @@
 """The language-modeling comparison: matched models, runs in workers, the table, the ordering check, the plot."""
 
-import dataclasses
+import urllib.error
+import urllib.request
 
 import pytest
 
+import hippos.benchmarks.lm as lm_bench
 from hippos.benchmarks.lm import (
     ARCHITECTURES,
     DATASETS,
@@ -19,23 +21,34 @@ from hippos.models import H3LM
 
 
 @pytest.fixture
-def data_dir(tmp_path):
+def local_data(tmp_path, monkeypatch):
+    """The datasets as small local files (the workers train with the configs the parent makes from them)."""
     folder = tmp_path / "data"
     folder.mkdir()
-    for name, file in DATASETS.items():
-        (folder / file).write_text("".join(f"{name} line {i}: the hippo eats {i % 4} melons.\n" for i in range(120)))
-    return folder
+    for name in DATASETS:
+        (folder / f"{name}.txt").write_text("".join(f"{name} line {i}: the hippo eats {i % 4} melons.\n"
+                                                    for i in range(120)))  # fmt: skip
+        monkeypatch.setitem(lm_bench.DATASETS, name, str(folder / f"{name}.txt"))
 
 
-def small(data_dir, tmp_path, **kw):
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: a download attempt fails as it would on a machine without one."""
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def small(tmp_path, **kw):
     fields = dict(datasets=("tinyshakespeare",), d_model=16, n_head=2, d_state=8, seq_len=16, batch_size=4, steps=6,
-                  warmup_steps=2, eval_every=3, eval_tokens=256, jobs=2, data_dir=str(data_dir),
-                  out=str(tmp_path / "runs"))  # fmt: skip
+                  warmup_steps=2, eval_every=3, eval_tokens=256, jobs=2, out=str(tmp_path / "runs"))  # fmt: skip
     return LMBenchConfig(**{**fields, **kw})
 
 
-def test_runs_train_in_workers_and_the_table_reports_them(data_dir, tmp_path):
-    cfg = small(data_dir, tmp_path)
+def test_runs_train_in_workers_and_the_table_reports_them(local_data, tmp_path):
+    cfg = small(tmp_path)
     result = run_lm_bench(cfg, progress=False)
     assert [r["model"] for r in result["runs"]] == list(ARCHITECTURES)
     for run in result["runs"]:
@@ -52,8 +65,8 @@ def test_runs_train_in_workers_and_the_table_reports_them(data_dir, tmp_path):
     assert (tmp_path / "lm.png").stat().st_size > 1000
 
 
-def test_the_rows_have_matched_parameter_counts_at_the_default_width(data_dir, tmp_path):
-    cfg = LMBenchConfig(data_dir=str(data_dir))
+def test_the_rows_have_matched_parameter_counts_at_the_default_width():
+    cfg = LMBenchConfig()
     counts, mixers = {}, {}
     for model in cfg.models:
         config = job_configs(cfg, "wikitext2", model)[0]
@@ -74,11 +87,22 @@ def test_ordering_check():
 
 
 @pytest.mark.parametrize("bad", [{"datasets": ("pile",)}, {"models": ("mamba",)}, {"jobs": 0}, {"steps": 0}])
-def test_bad_settings_are_refused_before_any_run(data_dir, tmp_path, bad):
+def test_bad_settings_are_refused_before_any_run(tmp_path, bad):
     with pytest.raises(ValueError):
-        small(data_dir, tmp_path, **bad).validate()
+        small(tmp_path, **bad).validate()
 
 
-def test_a_missing_dataset_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="wikitext2-valid.txt not found; pass --data-dir"):
-        dataclasses.replace(LMBenchConfig(), data_dir=str(tmp_path)).validate()
+def test_validation_checks_the_dataset_names_without_any_download(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("HIPPOS_CACHE", str(tmp_path / "empty-cache"))
+    LMBenchConfig().validate()  # the example files are neither cached nor reachable: validation does not care
+    assert not (tmp_path / "empty-cache").exists()
+    monkeypatch.setitem(lm_bench.DATASETS, "wikitext2", "example:wikitext103")
+    with pytest.raises(ValueError, match="unknown example 'wikitext103'"):
+        LMBenchConfig().validate()
+
+
+def test_the_text_is_fetched_before_any_run_starts(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("HIPPOS_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(OSError, match=r"could not download example:tinyshakespeare \(no network in tests\)"):
+        run_lm_bench(small(tmp_path), progress=False)
+    assert not (tmp_path / "runs").exists()

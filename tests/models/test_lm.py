@@ -212,10 +212,15 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
     constants = pytest.importorskip("huggingface_hub.constants")
     # Offline mode makes huggingface_hub refuse at once instead of retrying a network that is not there.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="could not reach the Hugging Face Hub for 'danfu09/H3-125M'.*offline"):
+    with pytest.raises(OSError, match="'danfu09/H3-125M' is no local file or folder, and the Hugging Face Hub.*"
+                       "offline"):  # fmt: skip
         H3LM.from_pretrained("danfu09/H3-125M")
 
 
-def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
+@pytest.mark.parametrize("name", ["model.pt", "runs/demo/typo", "./typo", "../typo", "typo.bin"])
+def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{name}: no such file or directory"):
+        H3LM.from_pretrained(name)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        H3LM.from_pretrained(str(tmp_path / "model.pt"))
+        H3LM.from_pretrained(str(tmp_path / name))

@@ -164,7 +164,10 @@ def test_cli_tokenizer_train_then_lm_train_then_eval_ppl(text_file, tmp_path, ca
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "ppl.json").read_text())
-    assert result["tokenizer"] == str(tmp_path / "tok") and f"perplexity {result['perplexity']:.3f}" in printed
+    # The default tokenizer is the run's own copy of the one it trained with (one rule: data.tokenizers).
+    assert result["tokenizer"] == str(tmp_path / "run") and f"perplexity {result['perplexity']:.3f}" in printed
+    text = "the cat sat"
+    assert load_tokenizer(result["tokenizer"]).encode(text) == load_tokenizer(str(tmp_path / "tok")).encode(text)
     assert main(["eval", "ppl", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "none.txt")]) == 2
 
 

@@ -120,16 +120,28 @@ def test_a_truncated_checkpoint_is_refused_and_the_previous_one_still_loads(tmp_
         ("micro_batch_size", 3, "must divide"),
         ("schedule", "step", "unknown schedule"),
         ("precision", "fp8", "unknown precision"),
-        ("steps", 0, "steps and batch_size"),
+        ("steps", 0, "steps must be > 0"),
+        ("log_every", 0, "log_every must be > 0"),
+        ("lr", float("inf"), "lr must be a finite number"),
+        ("lr", float("nan"), "lr must be a finite number"),
+        ("weight_decay", -0.1, "weight_decay must be >= 0"),
+        ("seed", 2**64, "seed is too large"),
+        ("batch_size", 4.0, "batch_size must be an integer"),
         ("target_accuracy", 2.0, "target_accuracy"),
+        ("beta2", 1.0, "beta2 must be below 1"),
+        ("device", "gpu", "unknown device"),
     ],
 )
-def test_bad_settings_are_refused_before_training(tmp_path, field, value, match):
-    cfg = TrainConfig(**{"steps": 5, "batch_size": 8, field: value})
-    called = []
+def test_bad_settings_are_refused_when_the_config_is_made(field, value, match):
     with pytest.raises(ValueError, match=match):
-        train(make_model(), lambda s: called.append(s) or copy_task(s), cfg, tmp_path, progress=False)
-    assert called == [] and not (tmp_path / "log.jsonl").exists()
+        TrainConfig(**{"steps": 5, "batch_size": 8, field: value})
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e30, grad_clip=0.0, log_every=3, checkpoint_every=1)
+    with pytest.raises(ValueError, match="training diverged at step"):
+        train(make_model(), copy_task, cfg, tmp_path, progress=False)
+    assert not (tmp_path / "config.json").exists(), "no final model is saved from a diverged run"
 
 
 def test_ssm_parameters_get_no_weight_decay_and_a_capped_lr():

@@ -11,11 +11,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
+from ..config import check_choices, check_device_name, check_numbers
 from ..layers.decode_linear import decode_linear
 from ..models import H3LM, H3Config
+from ..models.config import PRESETS
 from .measure import PeakMemory, ReadBandwidth, format_cells, machine_info, median_time, run_jobs
 
 MODELS = ("h3", "hybrid", "transformer", "gpt2")
@@ -39,6 +42,16 @@ class GenerateBenchConfig:
     new_tokens: int = 128  # tokens generated after each prompt
     device: str = "cpu"  # torch device to run on
     seed: int = 0  # seed of the random weights and prompts
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("batches", "prompts", "new_tokens")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        check_choices("preset", (self.preset,), PRESETS)
+        check_choices("models", self.models, MODELS)
+        if not self.batches or not self.prompts:
+            raise ValueError("batches and prompts must each name at least one size")
+        check_device_name(self.device)
 
 
 def quick_config() -> GenerateBenchConfig:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
+from ..config import check_choices, check_device_name, check_numbers
 from ..layers import H3, MultiHeadAttention
 from .baselines import OfficialH3Port
 from .measure import PeakMemory, format_cells, machine_info, matmul_gflops, median_time, run_isolated, run_jobs
@@ -38,6 +40,19 @@ class LayerBenchConfig:
     stream_marks: tuple[int, ...] = (100_000, 1_000_000)  # token counts at which speed and memory are read
     device: str = "cpu"  # torch device to run on (cpu, cuda, ...)
     seed: int = 0  # seed of the random weights and inputs
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lengths", "d_model", "n_head", "batch", "repeats", "stream_segment")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        check_choices("impls", self.impls, IMPLEMENTATIONS)
+        if not self.lengths:
+            raise ValueError("lengths must name at least one sequence length")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head {self.n_head} must divide d_model {self.d_model}")
+        if self.stream_tokens and any(mark > self.stream_tokens for mark in self.stream_marks):
+            raise ValueError(f"stream_marks {list(self.stream_marks)} must not pass stream_tokens {self.stream_tokens}")
+        check_device_name(self.device)
 
 
 def quick_config() -> LayerBenchConfig:

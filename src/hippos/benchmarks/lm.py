@@ -14,14 +14,18 @@ import json
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
+from ..config import check_choices, check_numbers
+from ..data.text import check_source_spec, find_sources
 from ..models import H3Config
 from ..training import TrainConfig
 from ..training.lm import LMDataConfig, run_lm
 from .measure import format_cells, machine_info
 from .runs import read_log, run_all, settings_of
 
-DATASETS = {"wikitext2": "wikitext2-valid.txt", "tinyshakespeare": "tinyshakespeare.txt"}
+# Each dataset is a data source; the example: files are downloaded on first use (hippos.data.examples).
+DATASETS = {"wikitext2": "example:wikitext2-valid", "tinyshakespeare": "example:tinyshakespeare"}
 
 # Rows of the table: layers chosen so that every model has about 7.0M parameters at d_model 256 (bytes).
 ARCHITECTURES = {
@@ -39,9 +43,8 @@ PAPER_PPL = {"hybrid": 19.6, "transformer": 20.6, "H3": 21.0, "S4D": 24.9}
 class LMBenchConfig:
     """Which runs make the comparison, and the one recipe they all train with."""
 
-    datasets: tuple[str, ...] = ("wikitext2", "tinyshakespeare")  # wikitext2, tinyshakespeare (in data_dir)
+    datasets: tuple[str, ...] = ("wikitext2", "tinyshakespeare")  # wikitext2 (its validation split), tinyshakespeare
     models: tuple[str, ...] = ("transformer", "H3", "hybrid", "S4D")  # rows: transformer, H3, hybrid, S4D
-    data_dir: str = "../shared/data"  # folder holding the datasets' text files
     d_model: int = 256  # model width
     n_head: int = 4  # attention heads (rotary on the whole head)
     d_state: int = 64  # SSM state size
@@ -56,18 +59,19 @@ class LMBenchConfig:
     jobs: int = 2  # runs trained side by side in worker processes
     out: str = "runs/lm"  # directory of the runs (reused: finished runs are not retrained)
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("d_model", "n_head", "d_state", "seq_len", "batch_size", "steps", "lr",
+                                           "jobs")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Refuse unknown datasets and models, and missing files, before any training."""
-        unknown = [d for d in self.datasets if d not in DATASETS] + [m for m in self.models if m not in ARCHITECTURES]
-        if unknown:
-            raise ValueError(f"unknown dataset(s) or model(s) {unknown}: datasets {sorted(DATASETS)}, models "
-                             f"{sorted(ARCHITECTURES)}")  # fmt: skip
+        """Refuse unknown datasets and models and bad settings before any training; nothing is downloaded here."""
+        check_numbers(self)
+        check_choices("datasets", self.datasets, DATASETS)
+        check_choices("models", self.models, ARCHITECTURES)
         for name in self.datasets:
-            path = Path(self.data_dir) / DATASETS[name]
-            if not path.is_file():
-                raise FileNotFoundError(f"{name}: {path} not found; pass --data-dir with the folder that holds it")
-        if self.jobs < 1 or not self.datasets or not self.models:
-            raise ValueError("jobs must be >= 1 and datasets and models non-empty")
+            check_source_spec(DATASETS[name])  # the spec only: validating must not wait on the network
         for job in self.runs():
             job_configs(self, **job)
 
@@ -93,7 +97,7 @@ def job_configs(cfg: LMBenchConfig, dataset: str, model: str) -> tuple[H3Config,
         **arch,
     )
     data = LMDataConfig(
-        train=(str(Path(cfg.data_dir) / DATASETS[dataset]),),
+        train=(DATASETS[dataset],),
         valid_fraction=0.1,
         tokenizer="bytes",
         seq_len=cfg.seq_len,
@@ -118,9 +122,9 @@ def run_dir(cfg: LMBenchConfig, job: dict) -> Path:
     return Path(cfg.out) / f"{job['dataset']}-{job['model']}-d{cfg.d_model}-s{cfg.seed}"
 
 
-def _train_one(cfg: LMBenchConfig, job: dict) -> dict:
-    """Worker: train one run (resuming it if interrupted); returns its result fields."""
-    model_cfg, data, train = job_configs(cfg, **job)
+def _train_one(cfg: LMBenchConfig, configs: dict[tuple[str, str], tuple], job: dict) -> dict:
+    """Worker: train one run with the parent's configs (resuming it if interrupted); returns its result fields."""
+    model_cfg, data, train = configs[job["dataset"], job["model"]]
     out = run_dir(cfg, job)
     metrics = run_lm(model_cfg, data, train, out, resume=True, progress=False)
     log = read_log(out)
@@ -146,11 +150,16 @@ def _label(job: dict, records: list[dict]) -> str:
 def run_lm_bench(cfg: LMBenchConfig, progress: bool = True) -> dict:
     """Train every run (reusing finished ones); returns {"config", "runs", "ordering", "machine", ...}."""
     cfg.validate()
+    # The text is fetched here, once, before any worker starts: one download per file, not one per worker, and
+    # an offline machine gets one clear error before any work.
+    find_sources([DATASETS[d] for d in cfg.datasets], progress=progress)
+    # The workers train with the configs made here, exactly those recorded as each run's settings.
+    configs = {(job["dataset"], job["model"]): job_configs(cfg, **job) for job in cfg.runs()}
     runs, reused, wall = run_all(
         cfg.runs(),
-        partial(_train_one, cfg),
+        partial(_train_one, cfg, configs),
         run_dir=partial(run_dir, cfg),
-        settings=lambda job: settings_of(*job_configs(cfg, **job)),
+        settings=lambda job: settings_of(*configs[job["dataset"], job["model"]]),
         workers=cfg.jobs,
         steps=cfg.steps,
         desc="language models",

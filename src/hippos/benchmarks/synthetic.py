@@ -14,7 +14,9 @@ import json
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
+from ..config import check_choices, check_numbers
 from ..data.synthetic import PAPER_TASKS
 from ..models import H3Config
 from ..training import TrainConfig
@@ -80,18 +82,23 @@ class SyntheticBenchConfig:
     jobs: int = 2  # runs trained side by side in worker processes
     out: str = "runs/synthetic"  # directory of the runs (reused: finished runs are not retrained)
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("d_models", "n_head", "d_state", "steps", "batch_size", "n_train", "n_test",
+                                           "jobs")  # fmt: skip
+    MINIMUM: ClassVar[dict[str, int]] = {"warmup_steps": -1}  # -1: the task's recipe
+
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Refuse unknown tasks, models and settings before any training."""
-        unknown = [t for t in self.tasks if t not in PAPER_TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(PAPER_TASKS)}")
-        unknown = [m for m in self.models if m not in ARCHITECTURES]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(ARCHITECTURES)}")
-        if self.loss_on not in (*LOSS_ON, "auto"):
-            raise ValueError(f"loss_on must be one of {(*LOSS_ON, 'auto')}, got {self.loss_on!r}")
-        if self.jobs < 1 or not self.tasks or not self.models or not self.d_models or not self.seeds:
-            raise ValueError("jobs must be >= 1 and tasks, models, d_models and seeds non-empty")
+        check_numbers(self)
+        check_choices("tasks", self.tasks, PAPER_TASKS)
+        check_choices("models", self.models, ARCHITECTURES)
+        check_choices("loss_on", (self.loss_on,), (*LOSS_ON, "auto"))
+        if not self.d_models or not self.seeds:
+            raise ValueError("d_models and seeds must each name at least one value")
+        if self.stop_at > 1:
+            raise ValueError(f"stop_at must be at most 1, got {self.stop_at}")
         for job in self.runs():  # every model and training config is checked here, not in a worker
             job_configs(self, **job)
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..config import check_choices, check_device_name, check_numbers
 from ..models import H3Config
+from ..models.config import PRESETS
 from ..training.allocator import keep_freed_memory
 from ..training.flops import flops_per_token
 from .generate import build_model, hippos_config
@@ -60,6 +63,16 @@ class TrainBenchConfig:
     repeats: int = 2  # timed steps per measurement (median)
     device: str = "cpu"  # torch device to run on
     seed: int = 0  # seed of the random weights and tokens
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lengths", "batch", "repeats")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        check_choices("preset", (self.preset,), PRESETS)
+        check_choices("models", self.models, MODELS)
+        if not self.lengths:
+            raise ValueError("lengths must name at least one sequence length")
+        check_device_name(self.device)
 
 
 def measure_train(kind: str, length: int, cfg: TrainBenchConfig) -> dict:

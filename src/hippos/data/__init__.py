@@ -1,5 +1,6 @@
-"""Data: tokenizers and the synthetic in-context-learning tasks. Depends on nothing else in hippos."""
+"""Data: tokenizers, example texts and the synthetic in-context-learning tasks. Depends on nothing else in hippos."""
 
+from .examples import fetch_example  # example text files (the registry: hippos.data.examples.EXAMPLES)
 from .synthetic import (
     PAPER_TASKS,
     Examples,
@@ -19,6 +20,7 @@ __all__ = [
     "HFTokenizer",
     "SyntheticTask",
     "accuracy",
+    "fetch_example",
     "load_examples",
     "load_tokenizer",
     "make_examples",

@@ -54,6 +54,7 @@ This module depends only on torch, numpy and the standard library.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -362,11 +363,14 @@ def save_examples(path, examples: Examples) -> None:
 
 def load_examples(path) -> Examples:
     """Read a .npz archive of `inputs`, `targets` and `graded` (n, T) arrays, checking names, shapes and types."""
-    with np.load(path, allow_pickle=False) as archive:
-        missing = {"inputs", "targets", "graded"} - set(archive.files)
-        if missing:
-            raise ValueError(f"{path} lacks the array(s) {sorted(missing)}; it needs inputs, targets and graded")
-        arrays = {name: archive[name] for name in ("inputs", "targets", "graded")}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in ("inputs", "targets", "graded") if name in archive.files}
+    except (zipfile.BadZipFile, EOFError, ValueError) as err:  # numpy's words for a cut-off or foreign file
+        raise ValueError(f"{path} is not a .npz archive of examples, or it is truncated ({err})") from None
+    missing = {"inputs", "targets", "graded"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} lacks the array(s) {sorted(missing)}; it needs inputs, targets and graded")
     shapes = {a.shape for a in arrays.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"{path}: inputs, targets and graded must share one (n, T) shape, got {sorted(shapes)}")

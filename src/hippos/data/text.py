@@ -4,7 +4,9 @@ Sources (`find_sources`), one spec or several:
 - a text file, a folder (every file below it, sorted) or a glob such as "corpus/*.txt";
 - JSON lines (`.jsonl`, `.jsonl.gz` is not read): one document per line, its text in `text_field`;
 - "hf:NAME" or "hf:NAME:SPLIT" or "hf:NAME:CONFIG:SPLIT": a Hugging Face dataset (a Hub id or a local
-  folder), its `text_field` column (needs the `datasets` package).
+  folder), its `text_field` column (needs the `datasets` package);
+- "example:NAME": an example text file (`hippos.data.examples`: tinyshakespeare, wikitext2-valid, ...),
+  downloaded on first use, checked by SHA-256 and cached.
 
 Every document becomes its tokens followed by the tokenizer's end-of-text id (when it has one), and the
 documents are packed back to back. A plain text file is one document. Bytes that are not valid UTF-8 are
@@ -30,10 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .examples import PREFIX as EXAMPLE_PREFIX
+from .examples import default_cache_dir, fetch_example, get_example  # default_cache_dir: one cache for both
+
 FORMAT_VERSION = 1
 TEXT_BLOCK = 1 << 20  # characters per tokenizer call: large files are encoded in line-aligned blocks
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB of uint16)
 FLUSH_TOKENS = 1 << 22  # tokens held in memory before they are appended to the shard file
+BINARY_PROBE = 1 << 16  # bytes of each file looked at for NUL bytes before it is taken as text
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,22 @@ def _file_source(path: Path) -> Source:
     return Source("jsonl" if path.suffix == ".jsonl" else "text", str(path))
 
 
-def find_sources(specs: str | list[str]) -> list[Source]:
-    """Resolve file, folder, glob and hf: specs to sources; every file is checked readable now."""
+def check_source_spec(spec: str) -> None:
+    """Refuse an empty spec, a malformed hf: spec or an unknown example: name, reading no file and no network."""
+    if not spec.strip():
+        raise ValueError("an empty data source: name a file, folder, glob, hf:NAME or example:NAME")
+    if spec.startswith("hf:"):
+        _parse_hf(spec)
+    elif spec.startswith(EXAMPLE_PREFIX):
+        get_example(spec[len(EXAMPLE_PREFIX) :])
+
+
+def find_sources(specs: str | list[str], progress: bool = True) -> list[Source]:
+    """Resolve file, folder, glob, hf: and example: specs to sources; every file is checked readable now.
+
+    An example: file is downloaded here when it is not cached yet (with a progress bar unless `progress` is
+    False).
+    """
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise ValueError("no data sources given")
@@ -76,6 +96,9 @@ def find_sources(specs: str | list[str]) -> list[Source]:
     for spec in specs:
         if spec.startswith("hf:"):
             sources.append(_parse_hf(spec))
+            continue
+        if spec.startswith(EXAMPLE_PREFIX):
+            sources.append(_file_source(fetch_example(spec[len(EXAMPLE_PREFIX) :], progress)))
             continue
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -87,10 +110,18 @@ def find_sources(specs: str | list[str]) -> list[Source]:
         if not files:
             raise FileNotFoundError(f"data source {spec!r}: no such file, or no files in that folder or glob")
         for file in files:
-            if not os.access(file, os.R_OK):
-                raise PermissionError(f"data source {file}: the file is not readable")
+            _check_text_file(file)
         sources.extend(_file_source(f) for f in files)
     return sources
+
+
+def _check_text_file(path: Path) -> None:
+    """Refuse an unreadable file, or a binary one: text has no NUL bytes (the test git and grep use too)."""
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"data source {path}: the file is not readable")
+    with open(path, "rb") as f:
+        if b"\0" in f.read(BINARY_PROBE):
+            raise ValueError(f"data source {path} is a binary file (it holds NUL bytes), not text")
 
 
 def _fingerprint(source: Source) -> str:
@@ -237,11 +268,6 @@ def corpus_key(sources: list[Source], tokenizer, text_field: str = "text") -> st
     return digest.hexdigest()[:24]
 
 
-def default_cache_dir() -> Path:
-    """$HIPPOS_CACHE or ~/.cache/hippos: where tokenized corpora are kept."""
-    return Path(os.environ.get("HIPPOS_CACHE", Path.home() / ".cache" / "hippos"))
-
-
 def tokenize_corpus(
     specs: str | list[str],
     tokenizer,
@@ -250,7 +276,7 @@ def tokenize_corpus(
     progress: bool = True,
 ) -> TokenCorpus:
     """Tokenize the sources once (or find them already tokenized) and memory-map the shards."""
-    sources = find_sources(specs)
+    sources = find_sources(specs, progress)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     final = root / "corpora" / corpus_key(sources, tokenizer, text_field)
     if (final / "meta.json").is_file():

@@ -7,6 +7,7 @@ model behind. Loading lists every missing or unexpected key instead of failing o
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -95,16 +96,24 @@ def from_pretrained(source: str | Path, device=None, dtype=None, **convert_optio
 
     convert_options (n_head, ...) go to the official-checkpoint converter when one is used.
     """
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         return load_directory(path, device, dtype)
     if path.is_file():
         from .official import load_official
 
         return load_official(path, **convert_options).to(device=device, dtype=dtype).eval()
-    if path.suffix in (".pt", ".ckpt", ".bin") or str(source).startswith((".", "/")):
-        raise FileNotFoundError(f"no such file or directory: {source}")
+    if not _could_be_hub_id(str(source)):
+        raise FileNotFoundError(f"{source}: no such file or directory")
     return _from_hub(str(source), device, dtype, **convert_options)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or OWNER/NAME
+
+
+def _could_be_hub_id(source: str) -> bool:
+    """Whether a path that does not exist here may name a Hub repository (runs/demo/typo cannot: two slashes)."""
+    return bool(HUB_ID.fullmatch(source)) and ".." not in source and Path(source).suffix not in (".pt", ".ckpt", ".bin")
 
 
 def _from_hub(repo_id: str, device, dtype, **convert_options) -> H3LM:
@@ -119,8 +128,9 @@ def _from_hub(repo_id: str, device, dtype, **convert_options) -> H3LM:
         files = list_repo_files(repo_id)
     except Exception as err:  # offline, unknown repo, no permission: say which, and what to do instead
         raise OSError(
-            f"could not reach the Hugging Face Hub for {repo_id!r} ({type(err).__name__}: {err}). If you are "
-            "offline, download the files elsewhere and pass a local directory or .pt file instead."
+            f"{repo_id!r} is no local file or folder, and the Hugging Face Hub could not be asked for it "
+            f"({type(err).__name__}: {err}); if you are offline, download the files elsewhere and pass a local "
+            "folder or .pt file"
         ) from err
     if CONFIG_NAME in files and WEIGHTS_NAME in files:
         local = snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import check_numbers
 
 MIXERS = ("h3", "attention", "s4d")
 MODEL_TYPE = "h3"  # config.json's model_type, under which transformers' Auto classes know these models
@@ -42,27 +45,43 @@ class H3Config:
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon
     initializer_range: float = 0.02  # std of Linear and Embedding weights at initialisation
 
+    POSITIVE: ClassVar[tuple[str, ...]] = (
+        "d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "n_head", "d_state", "head_dim", "dt_min",
+        "dt_max", "layer_norm_eps", "initializer_range",
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
-        self.attn_layer_idx = tuple(int(i) for i in self.attn_layer_idx)
+        if isinstance(self.attn_layer_idx, list):  # JSON and TOML give lists
+            self.attn_layer_idx = tuple(self.attn_layer_idx)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
-        if min(self.d_model, self.n_layer, self.vocab_size, self.n_head, self.d_state) < 1:
-            raise ValueError("d_model, n_layer, vocab_size, n_head and d_state must be positive")
-        if self.ssm_mixer not in ("h3", "s4d"):
-            raise ValueError(f"ssm_mixer must be 'h3' or 's4d', got {self.ssm_mixer!r}")
+        """Raise ValueError naming the first ill-typed, out-of-range or inconsistent field."""
+        check_numbers(self)
+        for name, value, choices in (
+            ("ssm_mixer", self.ssm_mixer, ("h3", "s4d")),
+            ("ssm_init", self.ssm_init, ("lin", "inv")),
+            ("discretization", self.discretization, ("bilinear", "zoh")),
+            ("ssm_mode", self.ssm_mode, ("auto", "fft", "chunked")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
-        if bad:
-            raise ValueError(f"attn_layer_idx {bad} outside 0 .. {self.n_layer - 1}")
+        if bad or len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
+            raise ValueError(f"attn_layer_idx {list(self.attn_layer_idx)} must name distinct blocks 0 .. "
+                             f"{self.n_layer - 1}")  # fmt: skip
         if self.attn_layer_idx and self.d_model % self.n_head:
             raise ValueError(f"n_head {self.n_head} must divide d_model {self.d_model}")
         if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_head):
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and at most the head size")
         if self.d_model % self.head_dim:
             raise ValueError(f"head_dim {self.head_dim} must divide d_model {self.d_model}")
-        if self.pad_vocab_size_multiple < 1:
-            raise ValueError("pad_vocab_size_multiple must be >= 1")
+        if self.d_state % 2:
+            raise ValueError(f"d_state must be even (complex modes come in conjugate pairs), got {self.d_state}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min {self.dt_min} must not exceed dt_max {self.dt_max}")
+        if max(self.embed_dropout, self.resid_dropout) >= 1:
+            raise ValueError("embed_dropout and resid_dropout must be below 1")
 
     @property
     def padded_vocab_size(self) -> int:

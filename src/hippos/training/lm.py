@@ -11,12 +11,14 @@ import contextlib
 import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..config import check_numbers
 from ..data.packing import PackedBatches
-from ..data.text import TokenCorpus, tokenize_corpus
+from ..data.text import TokenCorpus, check_source_spec, find_sources, tokenize_corpus
 from ..data.tokenizers import load_tokenizer
 from ..evaluation.perplexity import perplexity
 from ..models import H3LM, H3Config
@@ -38,11 +40,25 @@ class LMDataConfig:
     eval_tokens: int = 0  # validation tokens scored at each evaluation (0: all of them)
     cache_dir: str = ""  # where tokenized text is kept ("": $HIPPOS_CACHE or ~/.cache/hippos)
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("seq_len", "valid_fraction")
+
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.train:
             raise ValueError("data.train is empty: name the training text (files, folders, globs or hf:NAME)")
-        if self.seq_len < 1 or self.eval_tokens < 0 or not 0 < self.valid_fraction < 1:
-            raise ValueError("need seq_len >= 1, eval_tokens >= 0 and 0 < valid_fraction < 1")
+        if self.valid_fraction >= 1:
+            raise ValueError(f"valid_fraction must be below 1, got {self.valid_fraction}")
+        if not self.tokenizer or not self.text_field:
+            raise ValueError("data.tokenizer and data.text_field must not be empty")
+        for spec in (*self.train, *self.valid):
+            check_source_spec(spec)
+
+    def check_sources(self) -> None:
+        """Find the text now (example files are fetched): missing, binary or empty text is refused before any work."""
+        for name, specs in (("data.train", self.train), ("data.valid", self.valid)):
+            sources = find_sources(list(specs)) if specs else []
+            if sources and all(s.kind != "hf" and Path(s.location).stat().st_size == 0 for s in sources):
+                raise ValueError(f"{name} is empty: {', '.join(s.describe() for s in sources)} hold no text")
 
 
 @dataclass

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from ..config import check_device_name, check_numbers
 from ..models import H3LM
 from .allocator import keep_freed_memory
 from .checkpoint import latest_checkpoint, save_checkpoint
@@ -53,22 +56,30 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (a replica per rank) or "fsdp" (weights and optimizer sharded)
     keep_freed_memory: bool = True  # CPU: reuse freed memory, not hand it back (faster; the process keeps its peak)
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "lr", "log_every")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Refuse inconsistent settings before any work."""
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+        """Refuse ill-typed, out-of-range or inconsistent settings (ValueError naming the field)."""
+        check_numbers(self)
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0; weight_decay and grad_clip >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"unknown parallel mode {self.parallel!r}; choose one of {PARALLEL}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
-        if not 0 <= self.target_accuracy <= 1:
-            raise ValueError("target_accuracy must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be below 1, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "target_accuracy"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be at most 1, got {getattr(self, name)}")
+        for name, value, choices in (
+            ("schedule", self.schedule, SCHEDULES),
+            ("parallel", self.parallel, PARALLEL),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        check_device_name(self.device)
 
 
 def _autocast(cfg: TrainConfig):
@@ -80,6 +91,15 @@ def _autocast(cfg: TrainConfig):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def _check_finite(loss: float, step: int, cfg: TrainConfig) -> None:
+    """Stop a run whose loss is no longer a number: every further step would train on NaN and waste the time."""
+    if not math.isfinite(loss):
+        raise ValueError(
+            f"training diverged at step {step + 1}: the loss is {loss} (lr {cfg.lr:g}); lower the learning rate "
+            "or warm up longer; checkpoints written before stay as they were"
+        )
 
 
 def _labelled(targets: Tensor) -> int:
@@ -173,6 +193,8 @@ def train(
                         # Each micro-batch's mean, weighted by its share of labelled tokens: the full-batch mean.
                         (loss * share).backward()
                     loss_sum += loss.item() * share
+                if not where.enabled:  # (several ranks check the mean they share, at the next log line)
+                    _check_finite(loss_sum, step, cfg)
                 grad_norm = None
                 if cfg.grad_clip:
                     grad_norm = par.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -183,6 +205,7 @@ def train(
                 tokens += inputs.numel() * where.world_size
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     loss_sum = all_sum(loss_sum, where) / where.world_size  # every rank's share of the batch
+                    _check_finite(loss_sum, step - 1, cfg)
                     rate = tokens / max(time.perf_counter() - clock, 1e-9)
                     record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
                               "grad_norm": grad_norm, "tokens_per_s": rate}  # fmt: skip

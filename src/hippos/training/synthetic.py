@@ -12,10 +12,12 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from ..config import check_numbers
 from ..data.synthetic import TASK_NAMES, Examples, SyntheticTask, make_splits
 from ..evaluation.synthetic import evaluate_examples
 from ..models import H3LM, H3Config
@@ -38,13 +40,14 @@ class SyntheticDataConfig:
     seed: int = 0  # seed of the data (the model's initialisation and data order use train.seed)
     loss_on: str = "all"  # "all" positions (the paper) or "graded" (only the answers)
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("vocab_size", "seq_len", "n_train", "n_test")
+
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
-        if self.n_train < 1 or self.n_test < 1 or self.seed < 0:
-            raise ValueError("n_train and n_test must be >= 1 and seed >= 0")
         self.spec()  # the task's own checks, now rather than after the model is built
 
     def spec(self) -> SyntheticTask:
