@@ -70,8 +70,16 @@ def test_harness_scores_a_local_task_as_the_native_model_does(local_task, tmp_pa
     assert json.loads((tmp_path / "h.json").read_text())["results"]["hippo_local"]["acc,none"] == pytest.approx(
         out["results"]["hippo_local"]["acc,none"]
     )
+    # A folder without tokenizer files: 257 ids are bytes by the one default rule, so the same numbers again.
     model.save_pretrained(tmp_path / "bare")
-    assert main(["eval", "harness", "--model", str(tmp_path / "bare"), "--tasks", "hippo_local"]) == 2
+    args[3], args[-1] = str(tmp_path / "bare"), str(tmp_path / "bare.json")
+    assert main(args) == 0
+    assert (
+        json.loads((tmp_path / "bare.json").read_text())["results"]
+        == json.loads((tmp_path / "h.json").read_text())["results"]
+    )
+    H3LM(H3Config.preset("tiny", vocab_size=11)).save_pretrained(tmp_path / "eleven")
+    assert main(["eval", "harness", "--model", str(tmp_path / "eleven"), "--tasks", "hippo_local"]) == 2
 
 
 def test_byte_tokenizer_saved_for_hugging_face_gives_the_same_ids(tmp_path):

@@ -13,7 +13,11 @@ registry (downloaded from the Hub) or from YAML files in `include_path` (local d
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+
+from ..data.tokenizers import ByteTokenizer, default_tokenizer
+from ..models.config import H3Config
 
 
 def run_harness(
@@ -27,7 +31,7 @@ def run_harness(
 ) -> dict:
     """lm-eval's results for `tasks` on a model folder: {"results": {task: {metric: value}}, ...}.
 
-    tokenizer: a Hugging Face tokenizer name or folder (default: the model folder's own tokenizer files).
+    tokenizer: a Hugging Face tokenizer name or folder, or "bytes" (default: the model's, by hippos' one rule).
     """
     try:
         import lm_eval
@@ -38,11 +42,22 @@ def run_harness(
     from ..models import hf_registration
 
     hf_registration.register()
-    if tokenizer is None and not (Path(model) / "tokenizer.json").is_file() and Path(model).is_dir():
-        raise ValueError(
-            f"{model} holds no tokenizer files: pass --tokenizer (a Hugging Face name or folder; `hippos train` "
-            "runs save theirs)"
-        )
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, backend="causal")
-    manager = TaskManager(include_path=include_path) if include_path else None
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = _hugging_face_tokenizer(model, tokenizer, scratch)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, backend="causal")
+        manager = TaskManager(include_path=include_path) if include_path else None
+        return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
+
+
+def _hugging_face_tokenizer(model: str, tokenizer: str | None, scratch: str) -> str:
+    """The tokenizer lm-eval should load: the one given, else hippos' default for the model (one rule,
+    hippos.data.tokenizers.default_tokenizer); the byte tokenizer is written as Hugging Face files to scratch."""
+    if tokenizer is None:
+        config = Path(model) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{model} has no config.json: give a save_pretrained folder or run directory")
+        tokenizer = default_tokenizer(model, H3Config.load(config).vocab_size)
+    if tokenizer == "bytes":
+        ByteTokenizer().save_pretrained(scratch)
+        return scratch
+    return tokenizer
