@@ -19,6 +19,42 @@ from hippos.ops import discretize, ssm_A
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_configure(config) -> None:
+    register_simulated_device()
+
+
+def register_simulated_device(name: str = "fakegpu") -> None:
+    """The accelerator tests/test_devices.py simulates: PyTorch's PrivateUse1 device renamed, with the no-op device
+    guard PyTorch provides for Python backends, reporting itself unavailable so that nothing else picks it.
+
+    Registered here, before any test runs: PyTorch's autograd engine sizes its per-device queues at its first
+    backward pass, and a device registered after that fails there. Once registered it stays for the process.
+    """
+    try:
+        from torch.utils.backend_registration import (
+            _DummyBackendModule,
+            _DummyPrivateUse1Hook,
+            _setup_privateuseone_for_python_backend,
+        )
+    except ImportError:  # an older PyTorch: test_devices.py skips its simulated runs
+        return
+    if torch._C._get_privateuse1_backend_name() != "privateuseone":
+        return  # taken by someone else: test_devices.py skips
+
+    class Unavailable(_DummyBackendModule):  # fake tensors then never run real kernels on it
+        def is_available(self) -> bool:
+            return False
+
+        def get_amp_supported_dtype(self) -> list[torch.dtype]:  # for autocast (and activation checkpointing)
+            return [torch.float16, torch.bfloat16]
+
+    class UnavailableHooks(_DummyPrivateUse1Hook):  # torch.accelerator.is_available() stays False
+        def is_available(self) -> bool:
+            return False
+
+    _setup_privateuseone_for_python_backend(name, backend_module=Unavailable(), hook=UnavailableHooks())
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _token_cache(tmp_path_factory):
     """Tokenized text and example files go to a temporary folder, never ~/.cache/hippos (workers inherit it).

@@ -7,6 +7,16 @@ import torch.nn.functional as F
 
 from ..data.synthetic import Examples
 from ..models import H3LM
+from ..ops.checks import values_known
+
+
+def _check_examples_fit(inputs: torch.Tensor, vocab_size: int) -> None:
+    """Refuse inputs (n, T) holding ids outside the vocabulary (nothing to read where values are unknown)."""
+    if not values_known(inputs):
+        return
+    high = int(inputs.max())
+    if high >= vocab_size or int(inputs.min()) < 0:
+        raise ValueError(f"examples hold token id {high}, outside the model's vocabulary 0 .. {vocab_size - 1}")
 
 
 @torch.no_grad()
@@ -21,11 +31,7 @@ def evaluate_examples(model: H3LM, examples: Examples, vocab_size: int | None = 
     n = examples.num_examples
     if n == 0:
         raise ValueError("no examples to evaluate")
-    high = int(examples.inputs.max())
-    if high >= model.config.vocab_size or int(examples.inputs.min()) < 0:
-        raise ValueError(
-            f"examples hold token id {high}, outside the model's vocabulary 0 .. {model.config.vocab_size - 1}"
-        )
+    _check_examples_fit(examples.inputs, model.config.vocab_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..models import H3LM
-from .sampling import check_sampling, sample_next
+from ..ops.checks import values_known
+from .sampling import check_generator, check_sampling, sample_next
 
 
 @dataclass
@@ -38,7 +39,7 @@ def _check_prompt(model: H3LM, input_ids: Tensor, attention_mask: Tensor | None,
             )
         if state is not None:
             raise ValueError("attention_mask (left padding) only applies to a fresh prompt, not after a state")
-        if not attention_mask.bool().any(1).all():
+        if values_known(attention_mask) and not attention_mask.bool().any(1).all():
             raise ValueError("every prompt needs at least one real token (attention_mask all zero in a row)")
 
 
@@ -62,6 +63,7 @@ def stream(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_prompt(model, input_ids, attention_mask, state)
+    check_generator(sampling.generator, model.lm_head.weight.device)
     vocab, eos = model.config.vocab_size, sampling.eos_token_id
 
     def choose(logits: Tensor) -> Tensor:
@@ -76,7 +78,9 @@ def stream(
             token = token.masked_fill(done, eos)
             done |= token == eos
         yield token
-        last = i == max_new_tokens - 1 or (eos is not None and bool(done.all()))
+        # Whether every sequence has finished is read from the device (a sync on an accelerator); where values
+        # are unknown (fake tensors, compiling) decoding runs to max_new_tokens, finished rows emitting EOS.
+        last = i == max_new_tokens - 1 or (eos is not None and values_known(done) and bool(done.all()))
         if not last or final_state is not None:  # the state must cover the last token too
             logits, state = model.step(token, state)
         if last:

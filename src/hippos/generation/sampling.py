@@ -16,6 +16,15 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """Refuse a random generator on another kind of device than the logits' (torch.multinomial needs the same)."""
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the logits on {device}: "
+            f"create it there, torch.Generator(device={str(device)!r})"
+        )
+
+
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set to -inf every logit outside the top k and outside the nucleus of probability top_p; (B, V)."""
     if top_k is not None and top_k < logits.shape[-1]:
@@ -44,5 +53,6 @@ def sample_next(
     logits = logits[:, :vocab_size].float()
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
+    check_generator(generator, logits.device)
     probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -64,8 +64,8 @@ def save_state(state: list, path: str | Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"kinds": json.dumps(kinds)}))
 
 
-def load_state(path: str | Path, device=None) -> list:
-    """Read a state written by save_state."""
+def read_state(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
+    """The named host tensors and layer kinds of a file written by save_state (see state_from_tensors)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -73,4 +73,9 @@ def load_state(path: str | Path, device=None) -> list:
         if not isinstance(kinds, list):
             raise ValueError(f"{path} is not a hippos generation state (no layer kinds in its metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    return state_from_tensors(tensors, kinds, device)
+    return tensors, kinds
+
+
+def load_state(path: str | Path, device=None) -> list:
+    """Read a state written by save_state, onto `device` (default: the CPU)."""
+    return state_from_tensors(*read_state(path), device)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..ops.checks import values_known
+
 
 class ParamCache:
     """Recompute `compute()` only when a parameter changed (new storage, in-place update, dtype, device).
@@ -22,6 +24,8 @@ class ParamCache:
     def get(self, params: Sequence[nn.Parameter], compute: Callable):
         """compute(), or the value kept from the last call with the same parameters."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return compute()
+        if not values_known(params[0]):  # fake parameters (a module's are all fake or none): no storage to key on
             return compute()
         key = (torch.is_inference_mode_enabled(),) + tuple(
             (p.data_ptr(), p._version, p.dtype, p.device) for p in params

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.checks import values_known
 from ._checks import check_sequence, check_token
 from .decode_linear import decode_linear
 
@@ -91,7 +92,7 @@ def left_padding(mask: Tensor) -> Tensor:
     mask = mask.bool()
     pad = (~mask).sum(1)
     expected = torch.arange(mask.shape[1], device=mask.device)[None] >= pad[:, None]
-    if not torch.equal(mask, expected):
+    if values_known(mask) and not torch.equal(mask, expected):
         raise ValueError("attention_mask must be left padding (zeros, then ones) for every sequence")
     return pad
 
@@ -168,7 +169,9 @@ class MultiHeadAttention(nn.Module):
     def step(self, x_t: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         """One token; x_t (B, D) -> (out (B, D), cache with the token appended)."""
         check_token(x_t, self.d_model)
-        step = torch.tensor([state.length], device=x_t.device)
+        # Filled on the device: torch.tensor([length], device=...) would copy from the host, and that copy
+        # waits for the device's queue to drain, every step.
+        step = torch.full((1,), state.length, device=x_t.device)
         positions = step if state.pad is None else step[None] - state.pad[:, None]
         q, k, v = self._heads(x_t[:, None], positions)
         state = state.append(k, v)

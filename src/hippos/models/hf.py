@@ -312,6 +312,10 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
         if mask.dim() != 2 or mask.shape[1] < length:
             raise ValueError(f"attention_mask must be (batch, >= {length}), got {tuple(mask.shape)}")
         mask = mask[:, -length:].bool()  # generate() passes the mask of the whole sequence so far
+        if not values_known(mask):
+            # Fake tensors or compiling: the mask cannot be read. After a state it may only be ones (the state
+            # knows the prompt's padding); a fresh sequence goes to H3LM, whose checks skip unknown values too.
+            return None if has_state else mask
         if bool(mask.all()):
             return None
         if has_state:  # the state already knows the padding of the prompt

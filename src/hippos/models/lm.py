@@ -17,7 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import H3, S4D, MultiHeadAttention
 from ..layers.decode_linear import decode_linear
 from ..ops import compute_dtype, linear_cross_entropy
+from ..ops.checks import check_ids_in_range, values_known
 from .config import H3Config
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of logits (B, L, V) against labels (B, L), -100 ignored; float32 (float64 stays)."""
+    return F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits.dtype)), labels.flatten(), ignore_index=-100)
 
 
 @dataclass
@@ -133,11 +139,7 @@ class H3LM(nn.Module):
     def _check_ids(self, input_ids: Tensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(
-                f"token ids must be in 0 .. {self.config.vocab_size - 1}, got "
-                f"{int(input_ids.min())} .. {int(input_ids.max())}"
-            )
+        check_ids_in_range(input_ids, self.config.vocab_size, "token ids")
 
     # ---- state contract ----------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> list:
@@ -163,8 +165,7 @@ class H3LM(nn.Module):
         loss = None
         if labels is not None:
             self._check_labels(labels, input_ids)
-            logits32 = logits.flatten(0, 1).to(compute_dtype(logits.dtype))  # float32, or float64 for float64
-            loss = F.cross_entropy(logits32, labels.flatten(), ignore_index=-100)
+            loss = _cross_entropy(logits, labels)
         return LMOutput(logits, loss, new_state if return_state else None)
 
     def hidden_states(
@@ -206,8 +207,12 @@ class H3LM(nn.Module):
     def loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over labels != -100: `forward(input_ids, labels).loss`, with the head only there."""
         self._check_labels(labels, input_ids)
-        keep = labels != -100
         h, _ = self.hidden_states(input_ids)
+        if not values_known(labels):
+            # Which positions are labelled is data that boolean indexing would read; without values (fake
+            # tensors, torch.compile) the head runs everywhere and the loss ignores the -100 positions.
+            return _cross_entropy(self.lm_head(h), labels)
+        keep = labels != -100
         # The head and the loss together, a chunk of positions at a time: no (N, vocab) logits tensor.
         return linear_cross_entropy(h[keep], self.lm_head.weight, labels[keep])
 

@@ -21,6 +21,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .checks import values_known
+
 __all__ = [
     "causal_conv",
     "causal_conv_ref",
@@ -192,16 +194,19 @@ def from_chunks(y: Tensor, uc: Tensor, D: Tensor | None, lead: list[int]) -> Ten
     return y.reshape(*lead, H, L)
 
 
-@functools.lru_cache(maxsize=32)
 def _toeplitz_selector(Lk: int, T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """0/1 matrix (Lk, 2T * T) with k @ it = the stacked blocks of `_short_filter_blocks`, flattened."""
+    # Made on the device itself, without indexing by a mask (which reads the mask back to the host).
+    i, j = torch.arange(2 * T, device=device)[:, None], torch.arange(T, device=device)[None, :]
+    tap = (T + j - i).flatten()  # which tap entry [i, j] holds; one outside 0 .. Lk - 1 matches no row
+    return (tap == torch.arange(Lk, device=device)[:, None]).to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_toeplitz_selector(Lk: int, T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`_toeplitz_selector`, kept for later calls with the same arguments."""
     with torch.inference_mode(False):  # cached for later calls: must not be an inference tensor
-        i, j = torch.arange(2 * T)[:, None], torch.arange(T)[None, :]
-        tap = (T + j - i).flatten()  # which tap entry [i, j] holds
-        valid = (tap >= 0) & (tap < Lk)
-        selector = torch.zeros(Lk, 2 * T * T, dtype=dtype)
-        selector[tap[valid], torch.arange(2 * T * T)[valid]] = 1
-        return selector.to(device)
+        return _toeplitz_selector(Lk, T, dtype, device)
 
 
 def _short_filter_blocks(k: Tensor, T: int) -> tuple[Tensor, Tensor]:
@@ -213,7 +218,9 @@ def _short_filter_blocks(k: Tensor, T: int) -> tuple[Tensor, Tensor]:
     at H3-125M's 768 channels and 64 taps: that backward zero-fills and scatters into large buffers.)
     """
     H, Lk = k.shape
-    stacked = (k @ _toeplitz_selector(Lk, T, k.dtype, k.device)).view(H, 2 * T, T)
+    # A fake tensor (no values) must not outlive its FakeTensorMode in the cache.
+    selector = (_cached_toeplitz_selector if values_known(k) else _toeplitz_selector)(Lk, T, k.dtype, k.device)
+    stacked = (k @ selector).view(H, 2 * T, T)
     return stacked[:, :T], stacked[:, T:]
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import values_known
 from .conv import compute_dtype
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]
@@ -35,8 +36,11 @@ def _check(h: Tensor, W: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels must be int64 of shape ({h.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
     if labels.numel() == 0:
         raise ValueError("no labels: the mean cross-entropy of zero tokens is undefined")
-    if int(labels.min()) < 0 or int(labels.max()) >= W.shape[0]:
-        raise ValueError(f"labels must lie in [0, {W.shape[0]}), got {int(labels.min())} .. {int(labels.max())}")
+    if not values_known(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= W.shape[0]:
+        raise ValueError(f"labels must lie in [0, {W.shape[0]}), got {low} .. {high}")
 
 
 def linear_cross_entropy_ref(h: Tensor, W: Tensor, labels: Tensor) -> Tensor:
@@ -87,7 +91,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("linear_cross_entropy's backward runs once per forward: compute the loss again")
-        scale = not bool(grad_loss == 1)  # a plain loss.backward() needs no scaling copy
+        # A plain loss.backward() needs no scaling copy; where the gradient's value cannot be read (fake
+        # tensors, compiling), scaling is always right.
+        scale = not values_known(grad_loss) or not bool(grad_loss == 1)
         for i, dtype in enumerate(ctx.dtypes):
             if grads[i] is not None:
                 grads[i] = (grads[i] * grad_loss if scale else grads[i]).to(dtype)
