@@ -12,6 +12,11 @@ from pathlib import Path
 from . import __version__
 from .config import INT_MAX, add_arguments, from_overrides
 
+TOKENIZER_HELP = (
+    "bytes, a Hugging Face tokenizer name or a folder (default, one rule for every command: the tokenizer the "
+    "model's run recorded or its folder holds, else bytes for 257 ids, gpt2 for 50257)"
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (the problem, then where help is), without the usage block."""
@@ -489,8 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=_number(0, 1, low_open=True), default=None,
                      help="sample from the smallest set holding this mass (0 < p <= 1)")  # fmt: skip
     gen.add_argument("--seed", type=_integer(0), default=None, help="random seed, for reproducible sampling")
-    gen.add_argument("--tokenizer", default=None, help="'bytes' or a Hugging Face tokenizer name or path "
-                     "(default: gpt2 for GPT-2-vocabulary models, else bytes)")  # fmt: skip
+    gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     gen.add_argument("--n-head", type=_integer(1), default=None, help="attention heads, for official .pt files only")
     gen.set_defaults(func=_generate)
 
@@ -536,8 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     evp = ev.add_parser("ppl", help="perplexity and bits per byte on text, with a sliding window")
     evp.add_argument("--model", required=True, help="save_pretrained directory, Hub id or official .pt file")
     evp.add_argument("--data", required=True, nargs="+", help="text files, folders, globs, .jsonl or hf:NAME[:SPLIT]")
-    evp.add_argument("--tokenizer", default=None, help="bytes, a Hugging Face name or a folder (default: the "
-                     "model's own from its run.json, else bytes for 257 ids, else gpt2)")  # fmt: skip
+    evp.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     evp.add_argument("--context", type=_integer(2), default=1024, help="tokens per window (default 1024)")
     evp.add_argument("--stride", type=_integer(1), default=None, help="tokens between windows (default: the context)")
     evp.add_argument("--batch-size", type=_integer(1), default=8, help="windows per forward pass (default 8)")
@@ -554,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     evh = ev.add_parser("harness", help="lm-evaluation-harness tasks through the Hugging Face wrapper")
     evh.add_argument("--model", required=True, help="save_pretrained folder or `hippos train` run directory")
     evh.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    evh.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer name or folder (default: the model's)")
+    evh.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     evh.add_argument("--include-path", default=None, help="folder of task YAML files (local tasks, offline data)")
     evh.add_argument("--limit", type=_integer(1), default=None, help="at most this many examples per task")
     evh.add_argument("--batch-size", type=_integer(1), default=1, help="requests per forward pass (default 1)")
