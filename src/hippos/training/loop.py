@@ -205,7 +205,8 @@ def train(
                 tokens += inputs.numel() * where.world_size
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     loss_sum = all_sum(loss_sum, where) / where.world_size  # every rank's share of the batch
-                    _check_finite(loss_sum, step - 1, cfg)
+                    if where.enabled:  # one process checked every step above
+                        _check_finite(loss_sum, step - 1, cfg)
                     rate = tokens / max(time.perf_counter() - clock, 1e-9)
                     record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
                               "grad_norm": grad_norm, "tokens_per_s": rate}  # fmt: skip
