@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hippos.data.examples import EXAMPLES, example_path
 from hippos.ops import discretize, ssm_A
+from tolerances import assert_close
 
 # The team's copies of the example texts, beside the checkout when there is one (no test requires them).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -136,36 +137,30 @@ def _compare(
     fast: Callable[[], Tensor | tuple[Tensor, ...]],
     ref: Callable[[], Tensor | tuple[Tensor, ...]],
     inputs: Sequence[Tensor],
-    rtol: float = 1e-10,
-    atol: float = 1e-12,
-    grad_rtol: float | None = None,
-    grad_atol: float | None = None,
+    scale: float = 1.0,
     seed: int = 1,
 ) -> None:
     """Assert that fast() and ref() return equal outputs and equal gradients wrt every tensor in inputs.
 
     Each callable builds its whole graph from the leaves in `inputs`. Every reference gradient must be
     nonzero somewhere, so an input that silently does not take part fails instead of comparing 0 to 0.
+    Tolerances come from tests/tolerances.py by dtype (`scale` widens them, as in `assert_close`).
     """
     out_fast, out_ref = _as_tuple(fast()), _as_tuple(ref())
     assert len(out_fast) == len(out_ref)
     for i, (a, b) in enumerate(zip(out_fast, out_ref, strict=True)):
         assert a.shape == b.shape, f"output {i}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, i=i: f"output {i}: {m}")
+        assert_close(a, b, scale=scale, msg=f"output {i}")
     g_fast = _grads(out_fast, inputs, seed)
     g_ref = _grads(out_ref, inputs, seed)
-    grad_rtol = rtol if grad_rtol is None else grad_rtol
-    grad_atol = atol if grad_atol is None else grad_atol
     for i, (a, b) in enumerate(zip(g_fast, g_ref, strict=True)):
         assert b.abs().max() > 0, f"input {i} does not influence the reference output"
-        torch.testing.assert_close(
-            a, b, rtol=grad_rtol, atol=grad_atol, msg=lambda m, i=i: f"gradient wrt input {i}: {m}"
-        )
+        assert_close(a, b, scale=scale, msg=f"gradient wrt input {i}")
 
 
 @pytest.fixture(scope="session")
 def compare_with_grads():
-    """compare_with_grads(fast, ref, inputs, rtol=..., atol=...): outputs and all gradients equal."""
+    """compare_with_grads(fast, ref, inputs, scale=1.0): outputs and all gradients equal (tests/tolerances.py)."""
     return _compare
 
 

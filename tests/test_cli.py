@@ -1,26 +1,84 @@
 """The command line parses and reports errors without tracebacks (the work itself is tested elsewhere)."""
 
+import json
+
 import pytest
 
 from hippos.cli import build_parser, main
+from tolerances import assert_close
 
 
 def test_bench_layer_help_lists_the_config_fields(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "layer", "--help"])
     out = capsys.readouterr().out
-    for option in ("--lengths", "--d-model", "--stream-tokens", "--quick", "--json", "--plot"):
+    for option in ("--bench.lengths", "--bench.d_model", "--bench.stream_tokens", "--quick", "--config", "--json",
+                   "--plot"):  # fmt: skip
         assert option in out
+    assert "layer width (default: 768)" in out  # the field's comment, then its default
+
+
+def test_train_help_lists_every_section(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model.d_model", "--model.preset", "--task.seq_len", "--data.tokenizer", "--train.steps"):
+        assert option in out
+    assert "%%" not in out  # field comments holding a % are shown as written (argparse would expand them)
 
 
 def test_bad_override_is_a_clean_error(capsys):
-    assert main(["bench", "layer", "--d-model", "wide"]) == 2
-    assert "--d_model takes int" in capsys.readouterr().err
+    assert main(["bench", "layer", "--bench.d_model", "wide"]) == 2
+    assert "--bench.d_model takes int" in capsys.readouterr().err
 
 
 def test_unknown_implementation_is_refused(capsys):
-    assert main(["bench", "layer", "--impls", "hippos,mamba"]) == 2
+    assert main(["bench", "layer", "--bench.impls", "hippos,mamba"]) == 2
     assert "impls must name one or more of hippos, official, attention" in capsys.readouterr().err
+
+
+def test_a_setting_without_its_section_names_the_spelling(capsys):
+    assert main(["bench", "layer", "--d-model", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "settings are spelled --bench.d_model" in err and "see hippos bench layer --help" in err
+    assert main(["bench", "layer", "--bench.d_modle", "64"]) == 2
+    assert "unknown key bench.d_modle; known: batch, d_model," in capsys.readouterr().err
+    assert main(["bench", "layer", "--optim.lr", "1"]) == 2
+    assert "unknown option --optim.lr; this command's settings: --bench.FIELD" in capsys.readouterr().err
+
+
+def test_bench_settings_from_a_file_then_the_command_line(tmp_path, monkeypatch):
+    from hippos.benchmarks import layer
+
+    seen = []
+    monkeypatch.setattr(layer, "run_layer_bench", lambda cfg, progress: seen.append(cfg) or 0 / 0)
+    path = tmp_path / "layer.toml"
+    path.write_text("[bench]\nd_model = 64\nn_head = 2\nlengths = [16, 32]\n")
+    with pytest.raises(ZeroDivisionError):  # stopped where the work would begin
+        main(["bench", "layer", "--quick", "--config", str(path), "--bench.n-head", "4", "--bench.stream_tokens=0"])
+    cfg = seen[0]
+    assert (cfg.d_model, cfg.n_head, cfg.lengths, cfg.stream_tokens) == (64, 4, (16, 32), 0)
+    assert cfg.stream_segment == layer.quick_config().stream_segment  # the rest: --quick's base
+
+
+def test_bench_file_errors_are_clean(tmp_path, capsys):
+    path = tmp_path / "layer.toml"
+    path.write_text("[bench]\nd_modle = 64\n")
+    assert main(["bench", "layer", "--config", str(path)]) == 2
+    assert "unknown key bench.d_modle" in capsys.readouterr().err
+    path.write_text("[layer]\nd_model = 64\n")
+    assert main(["bench", "layer", "--config", str(path)]) == 2
+    assert "unknown section(s) ['layer']" in capsys.readouterr().err
+
+
+def test_train_refuses_the_other_kind_of_runs_section(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "configs" / "tiny-induction.toml"
+    argv = ["train", "--config", str(config), "--out", str(tmp_path / "o"), "--data.seq_len", "8"]
+    assert main(argv) == 2
+    assert "--data.* options do not apply" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_version(capsys):
@@ -52,13 +110,13 @@ def test_generate_streams_text_and_is_reproducible(tiny_dir, capsys):
 def test_generate_greedy_matches_the_library(tiny_dir, capsys):
     import torch
 
-    from hippos import H3LM
+    from hippos import H3LM, generate
     from hippos.data import ByteTokenizer
 
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "abc", "--max-new-tokens", "8",
                  "--temperature", "0"]) == 0  # fmt: skip
     model, tok = H3LM.from_pretrained(tiny_dir), ByteTokenizer()
-    ids = model.generate(torch.tensor([tok.encode("abc")]), 8, temperature=0, eos_token_id=tok.eos_token_id)
+    ids = generate(model, torch.tensor([tok.encode("abc")]), 8, temperature=0, eos_token_id=tok.eos_token_id)
     assert capsys.readouterr().out == tok.decode(ids[0].tolist()) + "\n"
 
 
@@ -67,8 +125,7 @@ def test_generate_errors_are_clean(tiny_dir, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_dir), "--prompt", ""]) == 2
     assert "prompt is empty" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="2"):
-        main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--top-p", "2"])
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--top-p", "2"]) == 2
     assert "argument --top-p: expected a finite number above 0 and at most 1, got '2'" in capsys.readouterr().err
 
 
@@ -87,4 +144,34 @@ def test_convert_an_official_file(tmp_path, capsys):
     assert "2 layers" in capsys.readouterr().out
     converted = H3LM.from_pretrained(tmp_path / "out")
     ids = torch.randint(0, 257, (1, 9))
-    torch.testing.assert_close(converted(ids).logits, model(ids).logits)
+    assert_close(converted(ids).logits, model(ids).logits, strict=True)  # the same weights under other names
+
+
+# ---- the one tokenizer-default rule (hippos.training.run.default_tokenizer) ----------------------------------
+def test_default_tokenizer_by_vocabulary(tmp_path):
+    from hippos.training.run import default_tokenizer
+
+    assert default_tokenizer(tmp_path / "not-a-folder", 257) == "bytes"
+    assert default_tokenizer("some/hub-id", 50257) == "gpt2"
+    with pytest.raises(ValueError, match="no default tokenizer for a model of 11 ids"):
+        default_tokenizer(tmp_path, 11)
+
+
+def test_default_tokenizer_prefers_the_run_then_the_folder(tmp_path):
+    from hippos.training.run import default_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert default_tokenizer(tmp_path, 11) == str(tmp_path)  # the folder's own files
+    (tmp_path / "run.json").write_text(json.dumps({"data": {"tokenizer": "bytes"}}))
+    assert default_tokenizer(tmp_path, 50257) == "bytes"  # what the run trained with, first
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "run.json").write_text(json.dumps({"data": {"tokenizer": "gpt2"}}))
+    assert default_tokenizer(tmp_path, 11) == "gpt2"  # then its recorded name, before the vocabulary
+
+
+def test_default_tokenizer_reads_the_vocabulary_from_the_folder(tiny_dir, tmp_path):
+    from hippos.training.run import default_tokenizer
+
+    assert default_tokenizer(tiny_dir) == "bytes"  # the tiny preset has 257 ids
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        default_tokenizer(tmp_path)

@@ -129,6 +129,9 @@ INPUT_FILES = ("missing.txt", "missing/inside.txt", "empty.txt", "binary.bin", "
 # For options that name a file to read: (bad files); each is a path below the user's folder.
 FILE_KINDS = {
     "config": (*INPUT_FILES, "truncated.toml"),
+    # A benchmark's --config: an empty file is a valid one (all defaults: the benchmark would run); a run file's
+    # [model], [task] and [train] tables are no [bench] table.
+    "bench-config": ("missing.txt", "binary.bin", "folder", "truncated.toml", "run.toml"),
     "model": ("missing-model", "runs/demo/typo", "empty.txt", "binary.bin", "folder", "damaged", "truncated.pt"),
     "text": INPUT_FILES,
     "examples": (*INPUT_FILES, "truncated.npz"),
@@ -143,14 +146,16 @@ ENUMS = {"ssm_mixer", "ssm_init", "discretization", "ssm_mode", "schedule", "pre
          "task", "tasks", "loss_on", "impls", "models", "preset", "datasets"}  # fmt: skip
 
 
-def field_options(cls: type, prefix: str, dashes: bool) -> list[tuple[str, st.SearchStrategy[str]]]:
-    """(flag, bad values) for every numeric or enumerated field of a config dataclass."""
+def field_options(cls: type, section: str, skip: tuple[str, ...] = ()) -> list[tuple[str, st.SearchStrategy[str]]]:
+    """(--section.field, bad values) for every numeric or enumerated field of a config dataclass."""
     hints = typing.get_type_hints(cls)
     options = []
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kind, in_list = hints[f.name], typing.get_origin(hints[f.name]) is tuple
         kind = typing.get_args(kind)[0] if in_list else kind
-        flag = prefix + (f.name.replace("_", "-") if dashes else f.name)
+        flag = f"--{section}.{f.name}"
         positive = f.name in getattr(cls, "POSITIVE", ())
         if kind is int:
             low = 1 if positive else getattr(cls, "MINIMUM", {}).get(f.name, 0)
@@ -164,7 +169,9 @@ def field_options(cls: type, prefix: str, dashes: bool) -> list[tuple[str, st.Se
     return options
 
 
-UNKNOWN_FLAGS = st.sampled_from(["--frobnicate", "--train.bogus", "--model.d_modle", "--nosuch.field", "--d-modle"])
+UNKNOWN_FLAGS = st.sampled_from(
+    ["--frobnicate", "--train.bogus", "--model.d_modle", "--nosuch.field", "--d-modle", "--bench.d_modle"]
+)
 
 
 def files(kind: str) -> st.SearchStrategy[str]:
@@ -184,20 +191,18 @@ COMMANDS = {
                                                                           ("--n-head", bad_ints(1))]),
     "train": (
         ["train", "--config", "run.toml", "--out", "run-out", "--quiet"],
-        [("--config", files("config")), ("--out", OUTPUT_DIR),
-         *field_options(H3Config, "--model.", False), *field_options(SyntheticDataConfig, "--task.", False),
-         *field_options(TrainConfig, "--train.", False)],
+        [("--config", files("config")), ("--out", OUTPUT_DIR), ("--model.preset", bad_names()),
+         *field_options(H3Config, "model"), *field_options(SyntheticDataConfig, "task"),
+         *field_options(TrainConfig, "train")],
     ),
     "train-lm": (
         ["train", "--config", "lm.toml", "--out", "lm-out", "--quiet"],
-        [("--data.train", files("text")), *field_options(LMDataConfig, "--data.", False)],
+        [("--data.train", files("text")), *field_options(LMDataConfig, "data")],
     ),
     "eval-synthetic": (
         ["eval", "synthetic", "--model", "model", "--task", "associative_recall"],
         [("--model", files("model")), ("--examples", files("examples")), ("--json", OUTPUT_FILE),
-         ("--task", bad_names()),
-         *[(f"--{flag}", bad_ints(1)) for flag in ("vocab-size", "seq-len", "n-test")],
-         *[(f"--{flag}", bad_ints(0)) for flag in ("num-pairs", "num-queries", "seed")]],
+         ("--task", bad_names()), *field_options(SyntheticDataConfig, "task", skip=("task",))],
     ),
     "eval-ppl": (
         ["eval", "ppl", "--model", "model", "--data", "text.txt", "--context", "8", "--quiet"],
@@ -215,7 +220,8 @@ COMMANDS = {
          ("--out", OUTPUT_DIR)],
     ),
     **{
-        f"bench-{name}": ([*["bench"], name], [("--json", OUTPUT_FILE), *field_options(cls, "--", True)])
+        f"bench-{name}": (["bench", name], [("--json", OUTPUT_FILE), ("--config", files("bench-config")),
+                                            *field_options(cls, "bench")])
         for name, cls in (("layer", LayerBenchConfig), ("generate", GenerateBenchConfig),
                           ("train", TrainBenchConfig), ("synthetic", SyntheticBenchConfig), ("lm", LMBenchConfig))
     },
@@ -266,6 +272,7 @@ def assert_refused(argv: list[str], root: Path) -> str:
 CASES = [(name, option) for name, (_, options) in sorted(COMMANDS.items()) for option, _ in options]
 
 
+@pytest.mark.slow  # about 600 cases; test_cli.py covers the error path in the fast run
 @pytest.mark.parametrize(("name", "option"), CASES, ids=[f"{n}:{o}" for n, o in CASES])
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -319,7 +326,7 @@ def test_the_fuzzed_commands_are_valid_as_given(user_dir, tmp_path, name):
     """The base command lines pass every check (the quick ones run to the end): a refusal above is the doing of
     the malformed value, not of a broken base."""
     from hippos.cli import build_parser
-    from hippos.config import from_overrides
+    from hippos.config import load_run, section_overrides
 
     base = COMMANDS[name][0]
     work = tmp_path / "user"
@@ -335,4 +342,4 @@ def test_the_fuzzed_commands_are_valid_as_given(user_dir, tmp_path, name):
     if name.startswith("bench-"):
         cls = {"layer": LayerBenchConfig, "generate": GenerateBenchConfig, "train": TrainBenchConfig,
                "synthetic": SyntheticBenchConfig, "lm": LMBenchConfig}[name.removeprefix("bench-")]  # fmt: skip
-        from_overrides(cls, args)
+        load_run(None, {"bench": cls}, section_overrides(args))

@@ -35,14 +35,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import hippos
-from hippos import H3LM, H3Config
-from hippos.generation import sample_next, save_state
-from hippos.generation.state import read_state, state_from_tensors, state_to_tensors
-from hippos.layers import H3State
-from hippos.layers.attention import KVCache
+from hippos import H3LM, H3Config, LMState, generate
+from hippos.generation import read_state, sample_next, save_state
 from hippos.ops import linear_cross_entropy
 from hippos.training.distributed import Distributed, Parallel
 from hippos.training.optim import lr_factor, make_optimizer
+
+# Every model path on a simulated accelerator: about 15 s, so `make test` runs it and `make test-fast` does not.
+pytestmark = pytest.mark.slow
 
 DEVICE_VARIABLE = "HIPPOS_TEST_DEVICE"
 SIMULATED = "fakegpu"  # registered by tests/conftest.py before any test runs (see register_simulated_device there)
@@ -164,17 +164,9 @@ def all_on(tensors, device: torch.device) -> bool:
     return bool(leaves) and all(t.device == device for t in leaves)
 
 
-def state_tensors(state: list) -> list[Tensor]:
+def state_tensors(state: LMState) -> list[Tensor]:
     """Every tensor of a model's generation state."""
-    out = []
-    for s in state:
-        if isinstance(s, H3State):
-            out += [s.shift, s.diag]
-        elif isinstance(s, KVCache):
-            out += [s.k, s.v] + ([s.pad] if s.pad is not None else [])
-        else:
-            out.append(s)
-    return out
+    return list(state.to_tensors().values())
 
 
 # ---- the tests -------------------------------------------------------------------------------------------------
@@ -243,8 +235,8 @@ def test_generate_with_left_padding_and_sampling(kind, device, on_device):
         ids = torch.randint(1, VOCAB, (2, 7), device=device)
         mask = torch.ones_like(ids)
         mask[0, :3] = 0  # the first prompt is 4 tokens, left-padded
-        out, state = model.generate(
-            ids, 5, temperature=0.8, top_k=50, top_p=0.9, eos_token_id=0, attention_mask=mask,
+        out, state = generate(
+            model, ids, 5, temperature=0.8, top_k=50, top_p=0.9, eos_token_id=0, attention_mask=mask,
             generator=device_generator(device), return_state=True,
         )  # fmt: skip
         assert all_on(out, device) and all_on(state_tensors(state), device)
@@ -257,7 +249,7 @@ def test_a_generator_on_another_device_is_refused(device, on_device):
         model.to(device)
         ids = torch.randint(0, VOCAB, (1, 4), device=device)
         with pytest.raises(ValueError, match="generator is on cpu"):
-            model.generate(ids, 2, generator=torch.Generator())
+            generate(model, ids, 2, generator=torch.Generator())
         with pytest.raises(ValueError, match="generator is on cpu"):
             sample_next(torch.randn(1, 264, device=device), VOCAB, generator=torch.Generator())
 
@@ -284,21 +276,21 @@ def test_hugging_face_generate(device, on_device):
 
 def test_generation_state_loads_onto_the_device_and_continues(device, on_device, tmp_path: Path):
     model = tiny("hybrid-rotary").eval()
-    _, state = model.generate(torch.randint(0, VOCAB, (2, 5)), 2, temperature=0, return_state=True)  # on the CPU
+    _, state = generate(model, torch.randint(0, VOCAB, (2, 5)), 2, temperature=0, return_state=True)  # on the CPU
     save_state(state, tmp_path / "state.safetensors")
     # load_state = state_from_tensors(*read_state(path), device): the file is read on the host (fake tensors have
     # no memory to read into), and the device part runs on the device.
     tensors, kinds = read_state(tmp_path / "state.safetensors")
     with on_device():
         model.to(device)
-        loaded = state_from_tensors(tensors, kinds, device)
+        loaded = LMState.from_tensors({k: t.to(device) for k, t in tensors.items()}, kinds)
         assert all_on(state_tensors(loaded), device)
         follow = torch.randint(0, VOCAB, (2, 3), device=device)
-        out, after = model.generate(follow, 3, temperature=0.7, state=loaded, return_state=True,
+        out, after = generate(model, follow, 3, temperature=0.7, state=loaded, return_state=True,
                                     generator=device_generator(device))  # fmt: skip
         assert all_on(out, device) and all_on(state_tensors(after), device)
-    saved, _ = state_to_tensors(after)  # saving copies to the host on purpose: outside the audit
-    assert all(t.device.type == "cpu" for t in saved.values())
+    saved = [t.cpu() for t in state_tensors(after)]  # copies to the host on purpose: outside the audit
+    assert all(t.device.type == "cpu" for t in saved)
 
 
 def test_training_loop_on_a_real_device(device, tmp_path: Path):

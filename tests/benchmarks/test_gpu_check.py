@@ -23,6 +23,7 @@ def test_without_cuda_it_stops_at_once_with_one_line(monkeypatch, capsys, tmp_pa
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow  # a fresh process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_the_command_refuses_a_machine_without_cuda(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hippos.benchmarks.gpu_check", "--json", str(tmp_path / "x.json")],
@@ -31,6 +32,7 @@ def test_the_command_refuses_a_machine_without_cuda(tmp_path):
     assert "needs a CUDA GPU" in done.stderr and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow  # a pytest run in a fresh process
 def test_pytest_runs_are_counted(tmp_path):
     (tmp_path / "test_sample.py").write_text(
         textwrap.dedent("""

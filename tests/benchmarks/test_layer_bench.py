@@ -17,6 +17,7 @@ from hippos.benchmarks.layer import (
 )
 from hippos.benchmarks.measure import PeakMemory, run_isolated
 from hippos.layers import H3
+from tolerances import assert_close
 
 TINY = LayerBenchConfig(
     lengths=(16,), d_model=32, n_head=4, repeats=1, stream_tokens=300, stream_segment=64, stream_marks=(128, 300)
@@ -27,7 +28,7 @@ def test_official_port_computes_the_same_layer():
     torch.manual_seed(0)
     layer = H3(16, 8).double()
     x = torch.randn(2, 37, 16, dtype=torch.float64)
-    torch.testing.assert_close(OfficialH3Port(layer)(x), layer(x)[0], rtol=0, atol=1e-12)
+    assert_close(OfficialH3Port(layer)(x), layer(x)[0], strict=True)  # the same math, written the official way
 
 
 def test_official_port_refuses_multihead():
@@ -64,10 +65,12 @@ def _square(x):
     return x * x
 
 
+@pytest.mark.slow  # a fresh process
 def test_run_isolated_returns_the_result():
     assert run_isolated(_square, 7) == 49
 
 
+@pytest.mark.slow  # fresh processes per measurement
 def test_summary_table_json_and_plot(tmp_path, monkeypatch):
     # Run the measurements in-process: the isolation is tested above and costs seconds per call.
     for where in ("hippos.benchmarks.layer", "hippos.benchmarks.measure"):

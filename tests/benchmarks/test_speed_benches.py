@@ -11,10 +11,12 @@ import hippos.layers.h3
 import hippos.models.lm
 from hippos.benchmarks.generate import GenerateBenchConfig, build_model, matvec_ms, run_generate_bench
 from hippos.benchmarks.generate import format_table as generate_table
-from hippos.benchmarks.train_speed import TrainBenchConfig, format_table, measure_train, run_train_bench
+from hippos.benchmarks.train_speed import TrainBenchConfig, format_table, measure_train, run_train_bench, train_loss
 from hippos.models import H3Config
+from tolerances import assert_close
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_train_bench_measures_every_model_in_fresh_processes():
     pytest.importorskip("transformers")
     cfg = TrainBenchConfig(preset="tiny", lengths=(32,), repeats=1)
@@ -38,6 +40,17 @@ def test_gpt2_baseline_has_the_shape_of_the_preset():
 
 
 def test_train_step_of_our_model_predicts_the_same_tokens_as_gpt2s():
+    """Both timed losses are the mean over the same L - 1 next-token predictions of the same ids."""
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for kind in ("h3", "gpt2"):
+        model = build_model(kind, "tiny", 16)  # fp32: transformers computes its loss in fp32 whatever the model
+        logits = model(ids).logits if kind == "h3" else model(input_ids=ids).logits
+        # Position t predicts token t + 1: every position but the last, every token but the first (over every
+        # logit each model has: ours pads its vocabulary, and trains over the padded head as it always did).
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        expected = torch.nn.functional.cross_entropy(flat, ids[:, 1:].reshape(-1))
+        assert_close(train_loss(kind, model, ids), expected, msg=kind)
     record = measure_train("h3", 16, TrainBenchConfig(preset="tiny", repeats=1))
     assert record["length"] == 16 and record["seconds_per_step"] > 0
 
@@ -51,6 +64,7 @@ def test_ceiling_keeps_every_projection_of_pure_h3_and_drops_only_the_ssms():
     assert ceiling["parameters"] == h3["parameters"] - ssm and ssm > 0
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_generate_bench_records_prefill_and_decode():
     pytest.importorskip("transformers")
     cfg = GenerateBenchConfig(preset="tiny", batches=(1,), prompts=(16,), new_tokens=4, models=("h3", "gpt2"))
@@ -106,7 +120,7 @@ def test_matvec_sweep_multiplies_exactly_the_weights_of_a_decode_step(monkeypatc
     assert {id(w) for w in seen} == step_weights
 
 
-@pytest.mark.parametrize("bad", [{"models": ("mamba",)}, {"batch": 0}, {"lengths": ()}])
-def test_train_bench_refuses_bad_settings(bad):
+@pytest.mark.parametrize("bad", [{"models": ("mamba",)}, {"batch": 0}, {"lengths": ()}, {"lengths": (1,)}])
+def test_train_bench_refuses_bad_settings_when_the_config_is_made(bad):
     with pytest.raises(ValueError):
-        run_train_bench(TrainBenchConfig(preset="tiny", **bad))
+        TrainBenchConfig(preset="tiny", **bad)

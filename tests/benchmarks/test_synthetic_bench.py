@@ -22,6 +22,7 @@ def small(tmp_path, **kw):
     return SyntheticBenchConfig(**{**fields, **kw})
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_runs_train_in_workers_and_finished_ones_are_reused(tmp_path):
     cfg = small(tmp_path)
     result = run_synthetic_bench(cfg, progress=False)
@@ -62,12 +63,14 @@ def test_bad_settings_are_refused_before_any_run(tmp_path, bad):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_cli_bench_synthetic_writes_table_json_and_plot(tmp_path, capsys):
     from hippos.cli import main
 
-    args = ["bench", "synthetic", "--tasks", "induction_head", "--models", "hybrid", "--d-models", "16", "--seeds",
-            "0", "--n-head", "2", "--d-state", "8", "--steps", "6", "--eval-every", "3", "--n-train", "100",
-            "--n-test", "20", "--jobs", "1", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"),
+    args = ["bench", "synthetic", "--bench.tasks", "induction_head", "--bench.models", "hybrid", "--bench.d_models",
+            "16", "--bench.seeds", "0", "--bench.n_head", "2", "--bench.d_state", "8", "--bench.steps", "6",
+            "--bench.eval_every", "3", "--bench.n_train", "100", "--bench.n_test", "20", "--bench.jobs", "1",
+            "--bench.out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"),
             "--plot", str(tmp_path / "c.png")]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Synthetic tasks: exact formats (REFERENCE 4), answers recoverable by brute force, seeds, splits, errors."""
+"""Synthetic tasks: exact formats (docs/tasks.md), answers recoverable by brute force, seeds, splits, errors."""
 
 import pytest
 import torch
@@ -127,7 +127,7 @@ def test_paper_settings_and_random_guess():
         31,
         21,
     )
-    # 1 / (V/2) as REFERENCE 4 states (0.2 for V = 10; the paper's table prints 25.0 for AR)
+    # 1 / (V/2) as docs/tasks.md states (0.2 for V = 10; the paper's table prints 25.0 for AR)
     assert AR.random_guess == pytest.approx(0.2) and INDUCTION.random_guess == pytest.approx(0.05)
     assert MQAR.random_guess == pytest.approx(1 / 4096) and MQAR.model_vocab_size == 8192
     assert AR.copy_token == 10 and INDUCTION.copy_token == 20 and MQAR.copy_token is None

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from hippos.layers import MultiHeadAttention
+from tolerances import assert_close
 
 F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-10}
 D_MODEL, N_HEAD = 16, 4  # head size 4
 ROTARY = [0, 2, 4]
 
@@ -21,7 +21,7 @@ def _attention(rotary_dim=0):
 
 
 def attention_reference(m: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
-    """Softmax attention written out; fused Wqkv rows: all Q heads, all K heads, all V heads (REF. 2)."""
+    """Softmax attention written out; fused Wqkv rows: all Q heads, all K heads, all V heads (docs/models.md)."""
     B, L, D = x.shape
     nh, hd = m.n_head, m.head_dim
     q, k, v = F.linear(x, m.Wqkv.weight, m.Wqkv.bias).split(D, dim=-1)
@@ -49,10 +49,8 @@ def attention_reference(m: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
 def test_matches_written_out_attention(rotary_dim):
     layer = _attention(rotary_dim)
     x = torch.randn(2, 33, D_MODEL, dtype=F64)
-    # The layer's rotary frequencies are float32 (buffer), the reference's float64: compare loosely then.
-    tol = TOL if rotary_dim == 0 else {"rtol": 1e-5, "atol": 1e-5}
     with torch.no_grad():
-        torch.testing.assert_close(layer(x)[0], attention_reference(layer, x), **tol)
+        assert_close(layer(x)[0], attention_reference(layer, x))
 
 
 def test_rotary_changes_the_output():
@@ -61,7 +59,7 @@ def test_rotary_changes_the_output():
     x = torch.randn(1, 10, D_MODEL, dtype=F64)
     with torch.no_grad():
         assert not torch.allclose(plain(x)[0][:, 1:], rotary(x)[0][:, 1:], atol=1e-3)
-        torch.testing.assert_close(plain(x)[0][:, 0], rotary(x)[0][:, 0], **TOL)  # position 0: no rotation
+        assert_close(plain(x)[0][:, 0], rotary(x)[0][:, 0])  # position 0: no rotation
 
 
 @pytest.mark.parametrize("rotary_dim", ROTARY)
@@ -72,8 +70,8 @@ def test_parallel_equals_steps(rotary_dim, run_steps):
         y, _ = layer(x)
         # capacity 5 < 37: the cache has to grow several times on the way
         y_steps, cache = run_steps(layer, x, layer.init_state(2, capacity=5))
-    torch.testing.assert_close(y_steps, y, **TOL)
-    assert cache.length == 37
+    assert_close(y_steps, y)
+    assert cache.end == 37
 
 
 @pytest.mark.parametrize("rotary_dim", ROTARY)
@@ -87,10 +85,10 @@ def test_chunked_prefill(sizes, rotary_dim):
         for piece in torch.split(x, list(sizes), dim=1):
             y, cache = layer(piece, cache, return_state=True)
             ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 1), y_one, **TOL)
-    assert cache.length == cache_one.length == 37
-    torch.testing.assert_close(cache.keys(), cache_one.keys(), **TOL)
-    torch.testing.assert_close(cache.values(), cache_one.values(), **TOL)
+    assert_close(torch.cat(ys, 1), y_one)
+    assert cache.end == cache_one.end == 37
+    assert_close(cache.keys(), cache_one.keys())
+    assert_close(cache.values(), cache_one.values())
 
 
 @pytest.mark.parametrize("rotary_dim", ROTARY)
@@ -101,7 +99,7 @@ def test_prompt_then_steps(rotary_dim, run_steps):
         y_full, _ = layer(x)
         y_prompt, cache = layer(x[:, :19], return_state=True)
         y_rest, _ = run_steps(layer, x[:, 19:], cache)
-    torch.testing.assert_close(torch.cat([y_prompt, y_rest], 1), y_full, **TOL)
+    assert_close(torch.cat([y_prompt, y_rest], 1), y_full)
 
 
 def test_forward_from_empty_cache():
@@ -109,8 +107,8 @@ def test_forward_from_empty_cache():
     x = torch.randn(2, 9, D_MODEL, dtype=F64)
     with torch.no_grad():
         y, cache = layer(x, layer.init_state(2), return_state=True)
-        torch.testing.assert_close(y, layer(x)[0], **TOL)
-    assert cache.length == 9
+        assert_close(y, layer(x)[0])
+    assert cache.end == 9
 
 
 def test_gradient_through_steps_equals_parallel(grads_of, run_steps):
@@ -121,7 +119,7 @@ def test_gradient_through_steps_equals_parallel(grads_of, run_steps):
     g_par = grads_of(layer(x)[0], inputs)
     g_step = grads_of(run_steps(layer, x, layer.init_state(2))[0], inputs)
     for a, b in zip(g_step, g_par, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
+        assert_close(a, b)
 
 
 def test_saved_state_can_be_reused(run_steps):
@@ -135,4 +133,4 @@ def test_saved_state_can_be_reused(run_steps):
         _, branch_a = layer.step(x[:, 4], saved)
         layer.step(other, saved)  # a second continuation of the saved state
         y_a, _ = layer.step(x[:, 5], branch_a)
-    torch.testing.assert_close(y_a, y_full[:, 5], **TOL)
+    assert_close(y_a, y_full[:, 5])

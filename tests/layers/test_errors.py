@@ -59,7 +59,7 @@ def test_step_wrong_shape(mixer):
         mixer.step(torch.ones(2, D, dtype=torch.int32), state)
 
 
-@pytest.mark.parametrize("name", ["h3", "h3-multihead", "s4d"])
+@pytest.mark.parametrize("name", MIXERS)
 def test_state_of_wrong_batch(name):
     mixer = _mixers()[name]
     state = mixer.init_state(3)

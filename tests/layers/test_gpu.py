@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hippos.layers import H3
+from tolerances import assert_close
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,9 +21,11 @@ def test_h3_on_cuda_matches_cpu_float64(mode, dtype):
     expected = layer.double()(x.double())[0]
     got = layer.to("cuda", dtype)(x.to("cuda", dtype))[0]
     assert got.dtype == dtype and got.device.type == "cuda"
-    # Half-precision matmuls dominate the error; the SSM part runs in float32 whatever the input dtype.
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    # Compared relative to the largest output, in the layer's dtype. Half-precision weights and matmuls dominate
+    # the error (four projections); the SSM part runs in float32 whatever the input dtype.
+    peak = expected.abs().max()
+    scale = 1.0 if dtype == torch.float32 else 2.5
+    assert_close((got.double().cpu() / peak).to(dtype), (expected / peak).to(dtype), scale=scale)
 
 
 def test_h3_steps_on_cuda_match_parallel():
@@ -35,4 +38,4 @@ def test_h3_steps_on_cuda_match_parallel():
     for t in range(x.shape[1]):
         out, state = layer.step(x[:, t], state)
         outs.append(out)
-    torch.testing.assert_close(torch.stack(outs, 1), y, rtol=1e-4, atol=1e-4)
+    assert_close(torch.stack(outs, 1), y)

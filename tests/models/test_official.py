@@ -1,7 +1,8 @@
-"""Official H3 checkpoints -> H3LM, for every layout of REFERENCE 3, against an independent forward pass.
+"""Official H3 checkpoints -> H3LM, for every layout of docs/checkpoints.md, against an independent forward pass.
 
 The checkpoints are tiny random ones with exactly the official names and shapes. The reference forward pass
-below is written straight from REFERENCE sections 1-3 on the official tensors, with plain torch only (naive
+below is written straight from docs/math.md, docs/models.md and docs/checkpoints.md on the official tensors,
+with plain torch only (naive
 causal convolution loops, explicit Vandermonde powers, explicit softmax): nothing from hippos.layers or
 hippos.models takes part in it. Values are drawn in float32 and stored as float64, so loading them into the
 float32 model is exact and the float64 comparison can be tight.
@@ -18,11 +19,18 @@ import torch
 from torch import Tensor
 
 from hippos import H3LM
-from hippos.models.official import convert_official_state_dict, load_official
+from hippos.layers import H3
+from hippos.models.checkpoint import check_keys, load_pretrained
+from hippos.models.official import OFFICIAL_H3_NAMES, convert_h3_mixer, convert_official_state_dict, official_name
+from tolerances import assert_close
 
 F64 = torch.float64
 EMB = "backbone.embeddings.word_embeddings.weight"
-TOL = {"rtol": 1e-9, "atol": 1e-9}
+
+
+def load_official(path, n_head: int | None = None, **options) -> H3LM:
+    """An official file loaded the way H3LM.from_pretrained loads it (checkpoint.load_pretrained)."""
+    return load_pretrained(H3LM, path, n_head=n_head, **options)
 
 
 # ---- tiny official checkpoints ---------------------------------------------------------------------------
@@ -38,7 +46,7 @@ def make_official(
     extra_norm: bool = False,
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """Random tensors named and shaped as in an official model.pt (REFERENCE 3), current key names."""
+    """Random tensors named and shaped as in an official model.pt (docs/checkpoints.md), current key names."""
     g = torch.Generator().manual_seed(seed)
     D, N, M, H = d_model, d_state, d_state // 2, d_model // head_dim
     d_inner = d_inner or 4 * D
@@ -123,7 +131,7 @@ def hippos_logits(model: H3LM, ids: Tensor) -> Tensor:
         return model.double()(ids).logits
 
 
-# ---- independent reference forward pass (REFERENCE 1-3) ---------------------------------------------------
+# ---- independent reference forward pass (docs/math.md, docs/models.md) ---------------------------------
 def layer_norm(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
@@ -166,7 +174,7 @@ def diag_kernel(p: dict, L: int) -> Tensor:
 
 
 def h3_mixer(p: dict, x: Tensor) -> Tensor:
-    """REFERENCE 1 (multi-head form; head_dim 1 is its special case) on one mixer's official tensors."""
+    """The H3 layer of docs/math.md (multi-head form; head_dim 1 is a special case) on one mixer's official tensors."""
     Bt, L, D = x.shape
     H = p["D"].shape[0]
     hd = D // H
@@ -262,7 +270,7 @@ def test_hybrid_checkpoint_matches_reference(tmp_path, layout):
     assert (c.d_model, c.n_layer, c.attn_layer_idx, c.d_state, c.head_dim, c.rotary_dim) == (16, 3, (1,), 8, 1, 0)
     assert (c.vocab_size, c.padded_vocab_size, c.n_head, c.d_inner) == (56, 56, 2, 0)
     ids = ids_for(56)
-    torch.testing.assert_close(hippos_logits(model, ids), reference_logits(t, ids), **TOL)
+    assert_close(hippos_logits(model, ids), reference_logits(t, ids))
 
 
 def test_old_names_with_extra_norm_shift_layer_norms(tmp_path):
@@ -273,7 +281,7 @@ def test_old_names_with_extra_norm_shift_layer_norms(tmp_path):
         model = load_official(path, n_head=2)
     ids = ids_for(56)
     expected = reference_logits(t, ids, old_order=True)
-    torch.testing.assert_close(hippos_logits(model, ids), expected, **TOL)
+    assert_close(hippos_logits(model, ids), expected)
     # The check has teeth: read as current-order blocks without the shift, the same norms give other logits.
     unshifted = {k: v for k, v in t.items() if not k.startswith("backbone.norm.")}
     unshifted["backbone.ln_f.weight"], unshifted["backbone.ln_f.bias"] = norm_params(t, "backbone.norm")
@@ -287,14 +295,14 @@ def test_old_layout_with_stale_ln_f_warns_and_ignores_it(tmp_path):
     with pytest.warns(UserWarning, match="ln_f"):
         model = load_official(path, n_head=2)
     ids = ids_for(56)
-    torch.testing.assert_close(hippos_logits(model, ids), reference_logits(t, ids, old_order=True), **TOL)
+    assert_close(hippos_logits(model, ids), reference_logits(t, ids, old_order=True))
 
 
 def test_old_names_without_extra_norm_are_only_renamed(tmp_path):
     t = make_official(seed=3)
     path = save(old_names(t), tmp_path / "model.pt")
     ids = ids_for(56)
-    torch.testing.assert_close(hippos_logits(load_official(path, n_head=2), ids), reference_logits(t, ids), **TOL)
+    assert_close(hippos_logits(load_official(path, n_head=2), ids), reference_logits(t, ids))
 
 
 def test_rotary_variant(tmp_path):
@@ -303,7 +311,7 @@ def test_rotary_variant(tmp_path):
     model = load_official(path, n_head=2)
     assert model.config.rotary_dim == 4 and model.config.attn_layer_idx == (0, 2)
     ids = ids_for(56, length=11)
-    torch.testing.assert_close(hippos_logits(model, ids), reference_logits(t, ids), **TOL)
+    assert_close(hippos_logits(model, ids), reference_logits(t, ids))
 
 
 def test_rotary_inv_freq_must_match_the_formula():
@@ -319,7 +327,7 @@ def test_multi_head_h3_and_mlp_width_are_inferred(tmp_path):
     assert (model.config.head_dim, model.config.d_inner, model.config.attn_layer_idx) == (2, 24, ())
     assert 16 % model.config.n_head == 0
     ids = ids_for(56)
-    torch.testing.assert_close(hippos_logits(model, ids), reference_logits(t, ids), **TOL)
+    assert_close(hippos_logits(model, ids), reference_logits(t, ids))
 
 
 def test_converted_state_dict_loads_strictly():
@@ -373,14 +381,16 @@ def test_missing_keys_are_all_listed(tmp_path):
     assert "backbone.layers.2.mixer.kernel.kernel.A_imag" in message and "backbone.ln_f.bias" in message
 
 
-def test_unexpected_and_misshaped_keys_are_all_listed():
+def test_unexpected_and_misshaped_keys_are_all_listed(tmp_path):
     t = make_official()
     t["backbone.layers.0.mixer.extra_scale"] = torch.ones(3)
     t["decoder.weight"] = torch.ones(2)
     t["backbone.layers.2.mixer.kernel.kernel.A_imag"] = torch.zeros(16, 5)
+    path = save(t, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"unexpected keys \(2\)") as err:
-        convert_official_state_dict(t, n_head=2)
+        load_official(path, n_head=2)
     message = str(err.value)
+    assert message.startswith(f"{path}: the checkpoint does not fit the H3 model its shapes describe (d_model 16")
     assert "backbone.layers.0.mixer.extra_scale" in message and "decoder.weight" in message
     assert "wrong shapes (1): backbone.layers.2.mixer.kernel.kernel.A_imag: file (16, 5) vs model (16, 4)" in message
 
@@ -461,4 +471,92 @@ def test_from_pretrained_reads_an_official_file(tmp_path):
     model = H3LM.from_pretrained(path, n_head=2)
     assert isinstance(model, H3LM) and not model.training
     ids = ids_for(56)
-    torch.testing.assert_close(hippos_logits(model, ids), reference_logits(t, ids), **TOL)
+    assert_close(hippos_logits(model, ids), reference_logits(t, ids))
+
+
+def test_a_misfit_file_is_reported_before_any_weight_is_initialised(tmp_path):
+    """The key check runs on a meta-device model: a bad file costs no initialisation of real weights."""
+    built = []
+
+    class Recording(H3LM):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(next(self.parameters()).device.type)
+
+    t = make_official()
+    del t["backbone.ln_f.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): backbone\.ln_f\.bias"):
+        load_pretrained(Recording, save(t, tmp_path / "model.pt"), n_head=2)
+    assert built == ["meta"]
+    model = load_pretrained(Recording, save(make_official(), tmp_path / "good.pt"), n_head=2)
+    assert isinstance(model, Recording) and built == ["meta", "meta", "cpu"]
+
+
+# ---- one H3 mixer's names ----------------------------------------------------------------------------------
+def official_h3_mixer(D: int = 16, N: int = 8) -> dict[str, Tensor]:
+    """One H3 mixer's tensors with the official names and shapes (docs/checkpoints.md), relative to the mixer."""
+    t = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "output_linear"):
+        t[f"{proj}.weight"], t[f"{proj}.bias"] = torch.randn(D, D), torch.randn(D)
+    t["ssm_k_D"] = torch.randn(D)
+    t["ssm_k_kernel.kernel.B"] = torch.randn(D, N)
+    t["ssm_k_kernel.kernel.C"] = torch.randn(1, D, N)
+    t["kernel.kernel.log_dt"] = torch.randn(D)
+    t["kernel.kernel.inv_A_real"] = torch.randn(D, N // 2)
+    t["kernel.kernel.A_imag"] = torch.randn(D, N // 2)
+    t["kernel.kernel.B"] = torch.randn(D, N // 2, 2)
+    t["kernel.kernel.C"] = torch.randn(1, D, N // 2, 2)
+    t["D"] = torch.randn(D)
+    return t
+
+
+def test_convert_h3_mixer_loads_into_the_layer_strictly():
+    official = official_h3_mixer()
+    layer = H3(16, 8)
+    result = layer.load_state_dict(convert_h3_mixer(official), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    params = dict(layer.state_dict())
+    mapping = {  # written out here, not read from OFFICIAL_H3_NAMES, so that the table itself is checked
+        "ssm_k_kernel.kernel.B": "shift.B",
+        "ssm_k_kernel.kernel.C": "shift.C",
+        "kernel.kernel.log_dt": "diag.log_dt",
+        "kernel.kernel.inv_A_real": "diag.inv_A_real",
+        "kernel.kernel.A_imag": "diag.A_imag",
+        "kernel.kernel.B": "diag.B",
+        "kernel.kernel.C": "diag.C",
+    }
+    assert mapping == OFFICIAL_H3_NAMES
+    for name, value in official.items():
+        ours = mapping.get(name, name)
+        assert torch.equal(params[ours], value[0] if name.endswith("kernel.C") else value), name
+    assert set(params) == {mapping.get(n, n) for n in official}
+
+
+@pytest.mark.parametrize("key", ["ssm_k_kernel.kernel.C", "kernel.kernel.C"])
+def test_convert_h3_mixer_refuses_multi_output_C(key):
+    official = official_h3_mixer()
+    official[key] = torch.cat([official[key], official[key]])
+    with pytest.raises(ValueError, match=f"{key}: expected one output channel \\(leading axis 1\\)"):
+        convert_h3_mixer(official)
+
+
+def test_official_name_inverts_the_renaming():
+    _, ours = convert_official_state_dict(make_official(), n_head=2)
+    file_keys = set(make_official())
+    assert {official_name(k) for k in ours} == file_keys
+    assert official_name("backbone.layers.0.mixer.diag.A_imag") == "backbone.layers.0.mixer.kernel.kernel.A_imag"
+    assert official_name("backbone.ln_f.weight") == "backbone.ln_f.weight"
+
+
+def test_check_keys_names_every_problem_in_the_files_names():
+    expected = {"a.shift.B": torch.Size([4, 2]), "b": torch.Size([3]), "c": torch.Size([1])}
+    found = {"a.shift.B": torch.zeros(4, 3), "c": torch.zeros(1), "d": torch.zeros(2), "e": torch.zeros(1)}
+    with pytest.raises(ValueError) as err:
+        check_keys(expected, found, "f.pt does not fit:", lambda k: k.replace("shift.B", "ssm_k_kernel.kernel.B"))
+    assert str(err.value).splitlines() == [
+        "f.pt does not fit:",
+        "  missing keys (1): b",
+        "  unexpected keys (2): d, e",
+        "  wrong shapes (1): a.ssm_k_kernel.kernel.B: file (4, 3) vs model (4, 2)",
+    ]
+    check_keys(expected, {k: torch.zeros(v) for k, v in expected.items()}, "unused")  # all fit: no error

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hippos.ops.conv as conv_module
-from hippos.ops import causal_conv, causal_conv_ref, fft_conv, next_fast_len, short_conv, short_conv_step
+from hippos.ops import (
+    causal_conv,
+    causal_conv_ref,
+    fft_conv,
+    next_fast_len,
+    short_conv,
+    short_conv_ref,
+    short_conv_step,
+    short_conv_step_ref,
+)
+from tolerances import assert_close
 
 F64 = torch.float64
 H = 3
@@ -18,7 +26,7 @@ LEADS = [(), (2,), (2, 2, 3)]  # u is (*lead, H, L): ranks 2, 3 and 5
 # (L, Lk): kernel shorter than, equal to and longer than the sequence; L = 1; odd and non power-of-two sizes.
 # (128, 128) and (130, 130) sit either side of causal_conv's switch from a Toeplitz matmul to the FFT.
 LENGTHS = [(1, 1), (1, 6), (2, 1), (7, 3), (9, 9), (13, 40), (64, 64), (97, 20), (100, 101), (128, 128), (130, 130)]
-OPS = {"fft_conv": fft_conv, "short_conv": short_conv, "causal_conv": causal_conv}
+OPS = {"fft_conv": fft_conv, "short_conv": lambda u, k, D=None: short_conv(u, k, D)[0], "causal_conv": causal_conv}
 
 
 def _inputs(lead, L, Lk, with_D=True):
@@ -26,37 +34,6 @@ def _inputs(lead, L, Lk, with_D=True):
     k = torch.randn(H, Lk, dtype=F64, requires_grad=True)
     D = torch.randn(H, dtype=F64, requires_grad=True) if with_D else None
     return u, k, D
-
-
-class NaNTorch:
-    """Stands in for `torch` inside hippos.ops.conv: uninitialised allocations come back full of NaN.
-
-    A fast kernel that forgets to write part of its output then fails the comparison instead of passing
-    on whatever the allocator happened to hand out.
-    """
-
-    def __init__(self):
-        self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def _poison(self, t):
-        self.calls += 1
-        return t.fill_(math.nan) if (t.is_floating_point() or t.is_complex()) else t
-
-    def empty_like(self, *args, **kwargs):
-        return self._poison(torch.empty_like(*args, **kwargs))
-
-    def empty(self, *args, **kwargs):
-        return self._poison(torch.empty(*args, **kwargs))
-
-
-@pytest.fixture
-def nan_alloc(monkeypatch):
-    fake = NaNTorch()
-    monkeypatch.setattr(conv_module, "torch", fake)
-    return fake
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -75,8 +52,9 @@ def test_without_skip(op, compare_with_grads):
 
 def test_nan_poisoning_reaches_fft_conv(nan_alloc):
     u, k, D = _inputs((2,), 10, 4)
+    before = nan_alloc.calls
     fft_conv(u, k, D).sum().backward()
-    assert nan_alloc.calls >= 3  # forward output, grad_u and grad_k all came from the poisoned allocator
+    assert nan_alloc.calls - before >= 3  # forward output, grad_u and grad_k all came from the poisoned allocator
 
 
 @pytest.mark.parametrize("needs", ["u", "k"])
@@ -86,7 +64,7 @@ def test_fft_conv_gradient_of_one_input(needs, nan_alloc, grads_of):
     leaf = u if needs == "u" else k
     (g_fast,) = grads_of(fft_conv(u, k), [leaf])
     (g_ref,) = grads_of(causal_conv_ref(u, k), [leaf])
-    torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+    assert_close(g_fast, g_ref)
 
 
 def test_fft_conv_channel_groups(monkeypatch, nan_alloc, compare_with_grads):
@@ -102,8 +80,8 @@ def test_non_contiguous_input():
     u = torch.randn(2, 25, H, dtype=F64).transpose(-1, -2)  # (2, H, 25) view, time not contiguous
     k = torch.randn(H, 8, dtype=F64)
     expected = causal_conv_ref(u.contiguous(), k)
-    torch.testing.assert_close(fft_conv(u, k), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(short_conv(u, k), expected, rtol=1e-10, atol=1e-12)
+    assert_close(fft_conv(u, k), expected)
+    assert_close(short_conv(u, k)[0], expected)
 
 
 @settings(max_examples=40, deadline=None)
@@ -120,64 +98,99 @@ def test_property_fft_and_short_conv(lead, channels, L, Lk, seed):
     k = torch.randn(channels, Lk, generator=g, dtype=F64)
     D = torch.randn(channels, generator=g, dtype=F64)
     expected = causal_conv_ref(u, k, D)
-    for op in (fft_conv, short_conv):
+    for op in (fft_conv, OPS["short_conv"]):
         y = op(u, k, D)
         assert y.shape == u.shape and y.dtype == u.dtype
         assert torch.isfinite(y).all()
-        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-11)
+        assert_close(y, expected)
 
 
-# ---- short_conv with history, and its step ---------------------------------------------------------------
+# ---- short_conv with a window of past inputs (its state), and its step -----------------------------------
 
 
 @pytest.mark.parametrize("Lk", [2, 5, 16])
-@pytest.mark.parametrize("extra", [0, 3, 70])  # history exactly Lk - 1 long, or (much) longer
+@pytest.mark.parametrize("extra", [0, 3, 70])  # window exactly Lk - 1 long, or (much) longer
 @pytest.mark.parametrize("L", [1, 4, 23, 150])
-def test_short_conv_history_is_concatenation(Lk, extra, L, compare_with_grads):
+def test_short_conv_window_is_concatenation(Lk, extra, L, compare_with_grads):
+    """Starting from a window of past inputs = convolving them together with u; both ops, their gradients."""
     u, k, D = _inputs((2,), L, Lk)
-    hist = torch.randn(2, H, Lk - 1 + extra, dtype=F64, requires_grad=True)
-    n = hist.shape[-1]
+    window = torch.randn(2, H, Lk - 1 + extra, dtype=F64, requires_grad=True)
+    n = window.shape[-1]
 
-    def ref():
-        return causal_conv_ref(torch.cat([hist, u], dim=-1), k, D)[..., n:]
+    def direct():
+        return causal_conv_ref(torch.cat([window, u], dim=-1), k, D)[..., n:]
 
-    compare_with_grads(lambda: short_conv(u, k, D, history=hist), ref, [u, k, D, hist])
+    compare_with_grads(lambda: short_conv(u, k, D, initial_state=window)[0], direct, [u, k, D, window])
+    compare_with_grads(lambda: short_conv_ref(u, k, D, initial_state=window)[0], direct, [u, k, D, window])
 
 
-def test_short_conv_history_single_tap():
-    """Lk = 1 needs no history at all; a given history (even an empty slice of it) must simply be ignored."""
+@pytest.mark.parametrize("op", [short_conv, short_conv_ref])
+@pytest.mark.parametrize("L", [1, 3, 8, 40])
+@pytest.mark.parametrize("with_window", [False, True])
+def test_short_conv_final_state_is_last_inputs(op, L, with_window):
+    """The final state is the window after u: its last W inputs, the old window's tail in front if L < W."""
+    u, k, D = _inputs((2,), L, 8)
+    window = torch.randn(2, H, 8, dtype=F64) if with_window else None
+    y, final = op(u, k, D, initial_state=window, output_final_state=True)
+    past = window if with_window else torch.zeros(2, H, 8, dtype=F64)
+    assert torch.equal(final, torch.cat([past, u.detach()], dim=-1)[..., -8:])
+    assert final.is_contiguous() or op is short_conv_ref  # the fast op hands decoding a compact state
+    _, none = op(u, k, D, initial_state=window)
+    assert none is None
+
+
+def test_short_conv_final_state_is_a_copy():
+    """A state kept for decoding must not share the sequence's memory (it would keep all of it alive)."""
+    u, k, _ = _inputs((2,), 8, 8)
+    _, final = short_conv(u.detach(), k.detach(), output_final_state=True)
+    assert final.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()
+
+
+def test_short_conv_window_dtypes():
+    """A new window is in the compute dtype (float32 for half inputs); a given one keeps its dtype."""
+    u, k = torch.randn(2, H, 5, dtype=torch.bfloat16), torch.randn(H, 3, dtype=torch.bfloat16)
+    for op in (short_conv, short_conv_ref):
+        y, final = op(u, k, output_final_state=True)
+        assert y.dtype == torch.bfloat16 and final.dtype == torch.float32 and final.shape == (2, H, 3)
+        _, final = op(u, k, initial_state=torch.zeros(2, H, 4, dtype=F64), output_final_state=True)
+        assert final.dtype == F64 and final.shape == (2, H, 4)
+
+
+def test_short_conv_single_tap_ignores_window():
+    """Lk = 1 needs no past inputs: a given window does not change the outputs."""
     u, k, D = _inputs((2,), 6, 1)
-    hist = torch.randn(2, H, 3, dtype=F64)
-    expected = causal_conv_ref(u, k, D)
-    torch.testing.assert_close(short_conv(u, k, D, history=hist), expected, rtol=1e-10, atol=1e-12)
+    window = torch.randn(2, H, 3, dtype=F64)
+    assert_close(short_conv(u, k, D, initial_state=window)[0], causal_conv_ref(u, k, D))
 
 
-def test_short_conv_history_batch_mismatch():
+@pytest.mark.parametrize("op", [short_conv, short_conv_ref])
+def test_short_conv_window_batch_mismatch(op):
     u, k, _ = _inputs((2,), 5, 6)
-    with pytest.raises(ValueError, match="history must be"):
-        short_conv(u, k, history=torch.zeros(3, H, 5, dtype=F64))
-    with pytest.raises(ValueError, match="history must be"):
-        short_conv(u, k, history=torch.zeros(2, H + 1, 5, dtype=F64))
+    with pytest.raises(ValueError, match="initial_state must be"):
+        op(u, k, initial_state=torch.zeros(3, H, 5, dtype=F64))
+    with pytest.raises(ValueError, match="initial_state must be"):
+        op(u, k, initial_state=torch.zeros(2, H + 1, 5, dtype=F64))
 
 
 @pytest.mark.parametrize("Lk", [1, 3, 8])
 @pytest.mark.parametrize("extra", [0, 2])  # window exactly Lk long, or longer
-@pytest.mark.parametrize("with_history", [False, True])
-def test_short_conv_step_matches_short_conv(Lk, extra, with_history):
+@pytest.mark.parametrize("with_window", [False, True])
+@pytest.mark.parametrize("step", [short_conv_step, short_conv_step_ref])
+def test_short_conv_steps_match_short_conv(Lk, extra, with_window, step, run_steps):
     L = 19
     u, k, D = _inputs((2,), L, Lk)
     W = Lk + extra
-    window = torch.randn(2, H, W, dtype=F64) if with_history else torch.zeros(2, H, W, dtype=F64)
-    expected = short_conv(u, k, D)
-    if with_history:  # starting from a window of past inputs = convolving them together with u
-        expected = causal_conv_ref(torch.cat([window, u], dim=-1), k, D)[..., W:]
-    ys = []
-    for t in range(L):
-        y_t, window = short_conv_step(u[..., t], window, k, D)
-        assert window.shape == (2, H, W)
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, dim=-1), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(window, u[..., L - W :].detach())  # the window holds the last W inputs
+    window = torch.randn(2, H, W, dtype=F64) if with_window else torch.zeros(2, H, W, dtype=F64)
+    expected, expected_final = short_conv_ref(u, k, D, initial_state=window, output_final_state=True)
+    y, final = run_steps(lambda u_t, s: step(u_t, s, k, D), u, window, -1)
+    assert final.shape == (2, H, W)
+    assert_close(y, expected)
+    assert torch.equal(final, expected_final)  # the window holds the last W inputs
+
+
+def test_short_conv_step_ref_needs_a_wide_enough_window():
+    with pytest.raises(ValueError, match="need W >= Lk"):
+        short_conv_step_ref(torch.zeros(2, H), torch.zeros(2, H, 2), torch.zeros(H, 3))
 
 
 # ---- next_fast_len -----------------------------------------------------------------------------------------
@@ -201,7 +214,7 @@ def test_next_fast_len_brute_force():
 # ---- bad arguments -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", [causal_conv_ref, fft_conv, short_conv])
+@pytest.mark.parametrize("op", [causal_conv_ref, fft_conv, short_conv, short_conv_ref])
 def test_conv_argument_errors(op):
     u = torch.randn(2, H, 10)
     with pytest.raises(ValueError, match=r"u must be \(\.\.\., H, L\)"):
@@ -221,5 +234,5 @@ def test_short_conv_first_run_in_inference_mode_then_with_gradients():
     u, k = torch.randn(2, 3, 40, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     with torch.inference_mode():
         short_conv(u, k.detach())
-    short_conv(u, k).sum().backward()
+    short_conv(u, k)[0].sum().backward()
     assert k.grad is not None

@@ -5,6 +5,7 @@ import torch
 
 from hippos.ops import linear_cross_entropy, linear_cross_entropy_ref
 from hippos.ops import loss as loss_module
+from tolerances import assert_close
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_equals_reference_in_float64(small_chunks, scale):
     ref = _loss_and_grads(linear_cross_entropy_ref, h, W, labels, scale)
     assert ours[0].dtype == torch.float64
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_close(a, b, strict=True)
 
 
 def test_float32_close_and_one_chunk_or_many_agree(monkeypatch):
@@ -44,8 +45,8 @@ def test_float32_close_and_one_chunk_or_many_agree(monkeypatch):
     chunked = _loss_and_grads(linear_cross_entropy, h, W, labels)
     ref = _loss_and_grads(linear_cross_entropy_ref, h, W, labels)
     for a, b, c in zip(whole, chunked, ref):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+        assert_close(a, c, strict=True, scale=10)  # 37 rows, summed by chunks
+        assert_close(b, c, strict=True, scale=10)
 
 
 def test_gradient_for_one_input_only(small_chunks):
@@ -53,9 +54,9 @@ def test_gradient_for_one_input_only(small_chunks):
     W_frozen = W.detach()
     (gh,) = torch.autograd.grad(linear_cross_entropy(h, W_frozen, labels), (h,))
     (gh_ref,) = torch.autograd.grad(linear_cross_entropy_ref(h, W_frozen, labels), (h,))
-    torch.testing.assert_close(gh, gh_ref, rtol=1e-12, atol=1e-12)
+    assert_close(gh, gh_ref, strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, W, labels), linear_cross_entropy_ref(h, W, labels))
+        assert_close(linear_cross_entropy(h, W, labels), linear_cross_entropy_ref(h, W, labels), strict=True)
 
 
 def test_accumulates_like_any_loss(small_chunks):
@@ -67,8 +68,8 @@ def test_accumulates_like_any_loss(small_chunks):
     h.grad = W.grad = None
     for _ in range(2):
         linear_cross_entropy_ref(h, W, labels).backward()
-    torch.testing.assert_close(ours[0], h.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ours[1], W.grad, rtol=1e-12, atol=1e-12)
+    assert_close(ours[0], h.grad, strict=True)
+    assert_close(ours[1], W.grad, strict=True)
 
 
 def test_under_autocast_follows_the_reference():
@@ -76,7 +77,7 @@ def test_under_autocast_follows_the_reference():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, ref = linear_cross_entropy(h, W, labels), linear_cross_entropy_ref(h, W, labels)
     assert ours.dtype == ref.dtype == torch.float32
-    torch.testing.assert_close(ours, ref)
+    assert_close(ours, ref, strict=True)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,7 @@
-"""FlashConv state passing against the step-by-step recurrence, with and without an initial state."""
+"""Chunked state passing and the convolution mode's state terms against the recurrence, for many chunkings.
+
+(tests/ops/test_contract.py holds every op of the contract to its reference over lengths and batch shapes;
+here: chunk sizes, discretisations, dtypes and the state terms on their own.)"""
 
 from __future__ import annotations
 
@@ -7,14 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hippos.ops import (
-    diag_final_state,
-    diag_kernel_ref,
-    diag_scan_ref,
-    diag_ssm_chunked,
-    diag_state_outputs,
-    fft_conv,
-)
+from hippos.ops import diag_ssm_chunked, diag_ssm_fft, diag_ssm_ref
+from hippos.ops.state_passing import _final_state, _state_outputs
+from tolerances import assert_close
 
 F64 = torch.float64
 H, M = 3, 4
@@ -41,11 +39,10 @@ def test_chunked_matches_recurrence(L, chunk, with_state, s4d_params, compare_wi
         return torch.view_as_complex(s0) if with_state else None
 
     def fast():
-        return diag_ssm_chunked(u, *p.discrete(), D=D, state=h0(), chunk=chunk)
+        return diag_ssm_chunked(u, *p.discrete(), D, h0(), True, chunk=chunk)
 
     def ref():
-        y, h = diag_scan_ref(u, *p.discrete(), state=h0())
-        return y + D[:, None] * u, h
+        return diag_ssm_ref(u, *p.discrete(), D, h0(), True)
 
     compare_with_grads(fast, ref, inputs)
 
@@ -57,10 +54,12 @@ def test_chunked_zoh_and_batch_ranks(lead, s4d_params, compare_with_grads):
     s0 = _state_leaf(lead)
 
     def fast():
-        return diag_ssm_chunked(u, *p.discrete("zoh"), state=torch.view_as_complex(s0), chunk=6)
+        return diag_ssm_chunked(
+            u, *p.discrete("zoh"), initial_state=torch.view_as_complex(s0), output_final_state=True, chunk=6
+        )
 
     def ref():
-        return diag_scan_ref(u, *p.discrete("zoh"), state=torch.view_as_complex(s0))
+        return diag_ssm_ref(u, *p.discrete("zoh"), initial_state=torch.view_as_complex(s0), output_final_state=True)
 
     compare_with_grads(fast, ref, [u, s0, *p.leaves()])
 
@@ -68,17 +67,18 @@ def test_chunked_zoh_and_batch_ranks(lead, s4d_params, compare_with_grads):
 def test_chunked_output_dtypes(s4d_params):
     p = s4d_params(H, M, requires_grad=False)
     u = torch.randn(2, H, 10, dtype=F64)
-    y, h = diag_ssm_chunked(u, *p.discrete(), chunk=4)
-    assert y.dtype == F64 and y.shape == u.shape
-    assert h.dtype == torch.complex128 and h.shape == (2, H, M)
-    y32, h32 = diag_ssm_chunked(u.float(), *p.discrete(), chunk=4)
-    assert y32.dtype == torch.float32 and h32.dtype == torch.complex64
+    for op in (diag_ssm_chunked, diag_ssm_fft):
+        y, h = op(u, *p.discrete(), output_final_state=True, chunk=4)
+        assert y.dtype == F64 and y.shape == u.shape
+        assert h.dtype == torch.complex128 and h.shape == (2, H, M)
+        y32, h32 = op(u.float(), *p.discrete(), output_final_state=True, chunk=4)
+        assert y32.dtype == torch.float32 and h32.dtype == torch.complex64
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize(("L", "chunk"), CHUNKINGS)
-def test_fft_plus_state_terms_match_recurrence(L, chunk, with_state, s4d_params, compare_with_grads):
-    """The FFT path's state contract: conv(u, K) + outputs of the initial state, and the final state."""
+def test_fft_mode_matches_recurrence(L, chunk, with_state, s4d_params, compare_with_grads):
+    """The convolution mode's state contract: conv(u, K) + outputs of the initial state, and the final state."""
     p = s4d_params(H, M)
     u = torch.randn(2, H, L, dtype=F64, requires_grad=True)
     s0 = _state_leaf((2,)) if with_state else None
@@ -88,14 +88,10 @@ def test_fft_plus_state_terms_match_recurrence(L, chunk, with_state, s4d_params,
         return torch.view_as_complex(s0) if with_state else None
 
     def fast():
-        dA, dB, C = p.discrete()
-        y = fft_conv(u, diag_kernel_ref(dA, dB, C, L))
-        if with_state:
-            y = y + diag_state_outputs(h0(), dA, C, L, u.dtype, chunk=chunk)
-        return y, diag_final_state(u, dA, dB, h0(), chunk=chunk)
+        return diag_ssm_fft(u, *p.discrete(), initial_state=h0(), output_final_state=True, chunk=chunk)
 
     def ref():
-        return diag_scan_ref(u, *p.discrete(), state=h0())
+        return diag_ssm_ref(u, *p.discrete(), initial_state=h0(), output_final_state=True)
 
     compare_with_grads(fast, ref, inputs)
 
@@ -106,22 +102,21 @@ def test_state_outputs_alone(s4d_params):
     dA, dB, C = p.discrete()
     h0 = torch.randn(2, 2, H, M, dtype=torch.complex128)
     u = torch.zeros(2, 2, H, 30, dtype=F64)
-    y_ref, h_ref = diag_scan_ref(u, dA, dB, C, h0)
+    y_ref, h_ref = diag_ssm_ref(u, dA, dB, C, initial_state=h0, output_final_state=True)
     for chunk in (1, 7, 30, 100):
-        y = diag_state_outputs(h0, dA, C, 30, F64, chunk=chunk)
+        y = _state_outputs(h0, dA, C, 30, F64, chunk)
         assert y.shape == u.shape and y.dtype == F64
-        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(diag_final_state(u, dA, dB, h0, chunk=chunk), h_ref, rtol=1e-10, atol=1e-12)
+        assert_close(y, y_ref)
+        assert_close(_final_state(u, dA, dB, h0, chunk), h_ref)
 
 
 def test_state_shape_error(s4d_params):
     p = s4d_params(H, M, requires_grad=False)
     u = torch.randn(2, H, 5, dtype=F64)
     bad = torch.zeros(3, H, M, dtype=torch.complex128)
-    with pytest.raises(ValueError, match="state must be"):
-        diag_ssm_chunked(u, *p.discrete(), state=bad)
-    with pytest.raises(ValueError, match="state must be"):
-        diag_final_state(u, *p.discrete()[:2], state=bad)
+    for op in (diag_ssm_chunked, diag_ssm_fft):
+        with pytest.raises(ValueError, match="initial_state must be"):
+            op(u, *p.discrete(), initial_state=bad)
 
 
 @settings(max_examples=30, deadline=None)
@@ -138,9 +133,9 @@ def test_property_chunked_equals_recurrence(batch, L, chunk, with_state, seed, s
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, H, L, generator=g, dtype=F64)
     h0 = torch.randn(batch, H, M, generator=g, dtype=torch.complex128) if with_state else None
-    y, h = diag_ssm_chunked(u, dA, dB, C, state=h0, chunk=chunk)
-    y_ref, h_ref = diag_scan_ref(u, dA, dB, C, state=h0)
-    assert torch.isfinite(y).all()
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-11)
-    torch.testing.assert_close(diag_final_state(u, dA, dB, h0, chunk=chunk), h_ref, rtol=1e-10, atol=1e-11)
+    y_ref, h_ref = diag_ssm_ref(u, dA, dB, C, initial_state=h0, output_final_state=True)
+    for op in (diag_ssm_chunked, diag_ssm_fft):
+        y, h = op(u, dA, dB, C, initial_state=h0, output_final_state=True, chunk=chunk)
+        assert torch.isfinite(y).all()
+        assert_close(y, y_ref)
+        assert_close(h, h_ref)

@@ -27,6 +27,7 @@ def _probe(mode: str) -> tuple[str, float]:
     return applied, float(kept)
 
 
+@pytest.mark.slow  # fresh Python processes
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_memory_is_kept_only_when_asked():
     applied, kept = _probe("keep")

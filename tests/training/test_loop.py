@@ -38,6 +38,7 @@ def read_log(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_a_tiny_run_learns_an_easy_task(tmp_path):
     cfg = TrainConfig(steps=150, batch_size=16, lr=3e-3, eval_every=50, log_every=10, checkpoint_every=0,
                       target_accuracy=0.99, warmup_steps=10)  # fmt: skip
@@ -156,6 +157,32 @@ def test_ssm_parameters_get_no_weight_decay_and_a_capped_lr():
     total = sum(p.numel() for g in groups for p in g["params"])
     assert total == model.num_parameters()  # every parameter once, the tied head included once
     assert param_groups(model, lr=2e-4, weight_decay=0.1)[1]["lr"] == 2e-4  # min(1e-3, base lr)
+
+
+def test_ssm_groups_come_from_the_modules_and_survive_replaced_parameters():
+    model = make_model()
+    before = param_groups(model, lr=5e-3, weight_decay=0.1)[1]["params"]  # held: ids stay unique
+    ssm_ids = {id(p) for p in before}
+    # FSDP and from_pretrained put new Parameter objects under the same module and name: the group follows.
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(p.detach().clone()))
+    replaced = param_groups(model, lr=5e-3, weight_decay=0.1)[1]["params"]
+    assert len(replaced) == len(ssm_ids) and not ssm_ids & {id(p) for p in replaced}
+    # Any module class can join the SSM group by naming its parameters; a mark on a tensor counts for nothing.
+
+    class Gate(torch.nn.Module):
+        ssm_parameter_names = ("a",)
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+            self.b._optim = {"weight_decay": 0.0, "lr_max": 1e-3}
+
+    gate = Gate()
+    default, ssm = param_groups(torch.nn.Sequential(gate, torch.nn.Linear(2, 2)), lr=5e-3, weight_decay=0.1)
+    assert [id(p) for p in ssm["params"]] == [id(gate.a)] and ssm["weight_decay"] == 0.0
+    assert any(p is gate.b for p in default["params"])
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -43,6 +43,7 @@ def test_graded_loss_masks_everything_but_the_answers():
     assert (EpochBatches(train, 16, seed=0, loss_on="all")(0)[1] != -100).all()
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_a_tiny_synthetic_run_learns_and_records_its_task(tmp_path):
     cfg = TrainConfig(steps=600, batch_size=32, lr=5e-3, warmup_steps=50, eval_every=25, checkpoint_every=0,
                       target_accuracy=0.98)  # fmt: skip
@@ -54,6 +55,7 @@ def test_a_tiny_synthetic_run_learns_and_records_its_task(tmp_path):
     assert evaluate_examples(model, test)["accuracy"] == pytest.approx(result["accuracy"])
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_synthetic_run_resumes_to_the_same_losses(tmp_path):
     cfg = TrainConfig(steps=30, batch_size=16, lr=2e-3, log_every=1, eval_every=10, checkpoint_every=10)
     run_synthetic(TINY, EASY, cfg, tmp_path / "straight", progress=False)
@@ -130,6 +132,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert json.loads((tmp_path / "f.json").read_text())["accuracy"] == accuracy
 
 
+@pytest.mark.slow  # several training runs or worker processes: `make test` runs it
 def test_cli_resume_without_config_reads_the_run_record(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(RUN_FILE.replace("target_accuracy = 0.98", "log_every = 1"))
@@ -151,7 +154,7 @@ def test_cli_resume_without_config_reads_the_run_record(tmp_path):
         (["--task.task", "copying"], "unknown task 'copying'"),
         (["--model.ssm_mixer", "lstm"], "ssm_mixer must be"),
         (["--optim.lr", "1"], "unknown option --optim.lr"),
-        (["--train.steps"], "overrides come in pairs"),
+        (["--train.steps"], "argument --train.steps: expected one argument"),
         (["--model.vocab_size", "3"], "smaller than the 9 ids"),
     ],
 )
@@ -173,13 +176,12 @@ def test_cli_train_refuses_unknown_toml_keys(tmp_path, capsys):
 def test_the_shipped_run_files_load(tmp_path):
     from pathlib import Path
 
-    from hippos.cli import _train_sections, build_parser
+    from hippos.training.run import train_sections
 
     files = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.toml"))
     assert files
     for path in files:
-        args = build_parser().parse_args(["train", "--config", str(path), "--out", str(tmp_path)])
-        run = _train_sections(args, [])
+        run = train_sections(str(path), str(tmp_path), False)
         if "task" in run:
             assert run["model"].vocab_size >= run["task"].spec().model_vocab_size, path
         else:  # a language-modeling run: the vocabulary comes from its tokenizer

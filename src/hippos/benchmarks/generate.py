@@ -9,7 +9,6 @@ decoding adds to the prompt's state: KV caches grow, a recurrent state does not)
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -19,7 +18,7 @@ from ..config import check_choices, check_device_name, check_numbers
 from ..layers.decode_linear import decode_linear
 from ..models import H3LM, H3Config
 from ..models.config import PRESETS
-from .measure import PeakMemory, ReadBandwidth, format_cells, machine_info, median_time, run_jobs
+from .measure import PeakMemory, ReadBandwidth, format_cells, machine_info, median_time, run_jobs, timed
 
 MODELS = ("h3", "hybrid", "transformer", "gpt2")
 FLOOR_ROUNDS, FLOOR_STEPS = 7, 8  # batch 1: rounds of (bandwidth sample, decode steps) for the floor ratio
@@ -174,12 +173,9 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
     with torch.inference_mode():
         decode(*prefill(ids[:, :16]), 4)  # warm-up: first-call costs stay out of the figures
         with PeakMemory(cfg.device) as prefill_mem:
-            start = time.perf_counter()
-            logits, cache = prefill(ids)
-            mid = time.perf_counter()
+            (logits, cache), prefill_s = timed(lambda: prefill(ids), cfg.device)
         with PeakMemory(cfg.device) as decode_mem:  # what decoding adds on top of the prompt's state
-            carry = decode(logits, cache, cfg.new_tokens)
-            end = time.perf_counter()
+            carry, decode_s = timed(lambda: decode(logits, cache, cfg.new_tokens), cfg.device)
         floor = {}
         if batch == 1:  # decoding goes on from where it stopped, one step at a time
 
@@ -190,9 +186,9 @@ def measure_generate(kind: str, batch: int, prompt: int, cfg: GenerateBenchConfi
             floor = floor_ratios(model, one_step, cfg.device)
     return {
         "model": kind, "batch": batch, "prompt": prompt, "new_tokens": cfg.new_tokens,
-        "prefill_tokens_per_s": batch * prompt / (mid - start),
-        "decode_tokens_per_s": batch * cfg.new_tokens / (end - mid),
-        "decode_ms_per_step": (end - mid) / cfg.new_tokens * 1e3,
+        "prefill_tokens_per_s": batch * prompt / prefill_s,
+        "decode_tokens_per_s": batch * cfg.new_tokens / decode_s,
+        "decode_ms_per_step": decode_s / cfg.new_tokens * 1e3,
         "prefill_peak_mib": prefill_mem.mib, "decode_peak_mib": decode_mem.mib, "weight_bytes": weight_bytes(model),
         **floor,
     }  # fmt: skip

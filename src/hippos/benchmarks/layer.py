@@ -6,8 +6,8 @@ Records are plain dicts; the CLI prints them as a table and can write JSON and a
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -15,7 +15,16 @@ import torch
 from ..config import check_choices, check_device_name, check_numbers
 from ..layers import H3, MultiHeadAttention
 from .baselines import OfficialH3Port
-from .measure import PeakMemory, format_cells, machine_info, matmul_gflops, median_time, run_isolated, run_jobs
+from .measure import (
+    PeakMemory,
+    format_cells,
+    machine_info,
+    matmul_gflops,
+    median_time,
+    run_isolated,
+    run_jobs,
+    timed,
+)
 
 IMPLEMENTATIONS = ("hippos", "official", "attention")
 LABELS = {
@@ -44,6 +53,7 @@ class LayerBenchConfig:
     POSITIVE: ClassVar[tuple[str, ...]] = ("lengths", "d_model", "n_head", "batch", "repeats", "stream_segment")
 
     def __post_init__(self) -> None:
+        """Refuse unknown implementations and inconsistent sizes before any process starts."""
         check_numbers(self)
         check_choices("impls", self.impls, IMPLEMENTATIONS)
         if not self.lengths:
@@ -95,10 +105,8 @@ def measure_layer(impl: str, L: int, backward: bool, cfg: LayerBenchConfig) -> d
         call().backward(grad)
 
     fn = forward_backward if backward else forward
-    start = time.perf_counter()
     with PeakMemory(cfg.device) as mem:  # the first call: memory of a cold process, also the warm-up
-        fn()
-    first = time.perf_counter() - start
+        _, first = timed(fn, cfg.device)
     repeats = 1 if first > 10 else cfg.repeats  # keep the longest baselines within minutes
     seconds = median_time(fn, repeats, cfg.device, warmup=0)
     mode = module.diag.resolve_mode(L) if impl == "hippos" else None
@@ -123,9 +131,8 @@ def stream(cfg: LayerBenchConfig) -> list[dict]:
         while done < cfg.stream_tokens:
             n = min(cfg.stream_segment, cfg.stream_tokens - done)
             x = torch.randn(cfg.batch, n, cfg.d_model, device=cfg.device)
-            start = time.perf_counter()
-            _, state = layer(x, state, return_state=True)
-            busy += time.perf_counter() - start
+            (_, state), seconds = timed(partial(layer, x, state, return_state=True), cfg.device)
+            busy += seconds
             done += n
             if marks and done >= marks[0]:
                 marks.pop(0)

@@ -1,5 +1,8 @@
 """Measuring tools shared by the benchmarks: wall time, peak memory, the machine's matmul rate.
 
+Every wall time in hippos.benchmarks comes from `timed` (one call) or `median_time` (the median of several),
+which wait for an accelerator's queued kernels, so that a figure covers the work and not only its launch.
+
 Peak memory on the CPU is the rise of the process's resident set (Linux VmHWM, reset through
 /proc/self/clear_refs) while the measured call runs. Because an allocator keeps freed memory, every
 measurement that reports memory runs in a fresh process (`run_isolated`), so nothing earlier hides it.
@@ -16,10 +19,11 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 import torch
 
-from ..training.flops import matmul_tflops
+T = TypeVar("T")
 
 
 def sync(device: torch.device | str) -> None:
@@ -28,18 +32,20 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], T], device="cpu") -> tuple[T, float]:
+    """(fn(), its wall time in seconds), queued accelerator kernels included."""
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
 def median_time(fn: Callable[[], object], repeats: int, device="cpu", warmup: int = 1) -> float:
     """Median wall time of fn() in seconds over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
 def _read_status_kib(field: str) -> int | None:
@@ -125,6 +131,12 @@ def format_cells(cells: list[list[str]], markdown: bool = False) -> list[str]:
     return ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
 
 
+def matmul_tflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matmul rate (TFLOP/s) of this device: the peak that MFU is quoted against on a CPU."""
+    a = torch.randn(size, size, device=device)
+    return 2 * size**3 / median_time(lambda: a @ a, repeats, device) / 1e12
+
+
 def matmul_gflops(device="cpu", size: int = 2048, repeats: int = 5) -> float:
     """Measured fp32 matmul rate (GFLOP/s) of this machine: the floor of every FLOP count."""
     return 1e3 * matmul_tflops(device, size, repeats)
@@ -144,12 +156,7 @@ class ReadBandwidth:
     def sample(self, repeats: int = 7) -> float:
         """The best of `repeats` timed sums, as bandwidth benchmarks report it: the highest bandwidth gives
         the lowest (strictest) floor for anything compared against it."""
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.x.sum()
-            sync(self.device)
-            best = min(best, time.perf_counter() - start)
+        best = min(timed(self.x.sum, self.device)[1] for _ in range(repeats))
         return self.x.numel() * 4 / best / 1e9
 
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..data.files import atomic_write
+
 
 def read_log(run_dir: Path) -> list[dict]:
     """The records of a run's log.jsonl so far (a line still being written is left out)."""
@@ -70,9 +72,8 @@ def _work(train_one: Callable[[dict], dict], job: dict, run_dir: Path, settings:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     result = {**job, **train_one(job), "seconds": time.perf_counter() - start, "settings": settings}
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, run_dir / "result.json")  # a half-written result never looks finished
+    text = json.dumps(result, indent=1)
+    atomic_write(run_dir / "result.json", lambda tmp: tmp.write_text(text))  # half a result never looks finished
     return result
 
 
@@ -103,27 +104,33 @@ def run_all(
             todo.append(i)
     wall = time.perf_counter()
     if todo:
-        n_workers = min(workers, len(todo))
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
         bar = _Progress(jobs, todo, run_dir, steps, desc, label, enabled=progress)
-        ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-            futures = {
-                pool.submit(_work, train_one, jobs[i], run_dir(jobs[i]), settings(jobs[i]), threads): i for i in todo
-            }
-            pending = set(futures)
-            try:
-                while pending:
-                    finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-                    for f in finished:
-                        results[futures[f]] = f.result()
-                    bar.update(results)
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            finally:
-                bar.close()
+        try:
+            _train_in_workers(jobs, todo, train_one, run_dir, settings, workers, results, bar)
+        finally:
+            bar.close()
     return [results[i] for i in range(len(jobs))], len(jobs) - len(todo), time.perf_counter() - wall
+
+
+def _train_in_workers(jobs, todo, train_one, run_dir, settings, workers: int, results: dict, bar) -> None:
+    """Train jobs[i] for every i in todo in a pool of worker processes, filling results[i] as each finishes."""
+    n_workers = min(workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+        futures = {
+            pool.submit(_work, train_one, jobs[i], run_dir(jobs[i]), settings(jobs[i]), threads): i for i in todo
+        }
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    results[futures[f]] = f.result()
+                bar.update(results)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 class _Progress:
@@ -138,6 +145,7 @@ class _Progress:
             self.bar = tqdm(total=len(todo) * steps, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, results: dict[int, dict]) -> None:
+        """Show the steps done so far: finished runs whole, running ones from their logs."""
         if self.bar is None:
             return
         done, running = 0, []
@@ -156,5 +164,6 @@ class _Progress:
         self.bar.refresh()
 
     def close(self) -> None:
+        """Close the bar."""
         if self.bar is not None:
             self.bar.close()

@@ -25,7 +25,7 @@ from .measure import format_cells, machine_info
 from .runs import read_log, run_all, settings_of
 
 # The table's rows: how each model's two layers mix the sequence.
-# H3 layers are multi-head (REFERENCE 1, head_dim 8): with head_dim 1 a 2-layer H3 stays near 60% on
+# H3 layers are multi-head (docs/math.md, head_dim 8): with head_dim 1 a 2-layer H3 stays near 60% on
 # associative recall for thousands of steps (the paper trained 200-400 epochs; we cannot afford that here).
 ARCHITECTURES = {
     "H3": {"head_dim": 8},
@@ -87,9 +87,6 @@ class SyntheticBenchConfig:
     MINIMUM: ClassVar[dict[str, int]] = {"warmup_steps": -1}  # -1: the task's recipe
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
         """Refuse unknown tasks, models and settings before any training."""
         check_numbers(self)
         check_choices("tasks", self.tasks, PAPER_TASKS)
@@ -157,7 +154,6 @@ def job_configs(cfg: SyntheticBenchConfig, task: str, model: str, d_model: int, 
         target_accuracy=cfg.stop_at,
         seed=seed,
     )
-    train.validate()
     return model_cfg, data, train
 
 
@@ -183,7 +179,6 @@ def _label(job: dict, records: list[dict]) -> str:
 
 def run_synthetic_bench(cfg: SyntheticBenchConfig, progress: bool = True) -> dict:
     """Train every run of the table (reusing finished ones); returns {"config", "runs", "machine"}."""
-    cfg.validate()
     runs, reused, wall = run_all(
         cfg.runs(),
         partial(_train_one, cfg),

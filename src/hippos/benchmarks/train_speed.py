@@ -3,20 +3,19 @@
 Every (model, length) runs in a fresh process: build the model at the preset's shape (random weights, train
 mode, no dropout), one untimed warm-up step, then the median of `repeats` timed steps of loss + backward on a
 batch of random tokens. Peak memory is the rise of resident memory during one step. On the CPU the timed
-steps run after `keep_freed_memory` (as `hippos train` does), for every model alike. GPT-2 uses its default
-attention implementation (PyTorch's scaled_dot_product_attention), the strong baseline. "ceiling" is pure H3
-with its SSMs taken out (`FreeSSMs`): the speed no H3 implementation can pass at that shape.
+steps run after `keep_freed_memory` (as `hippos train` does; TrainBenchConfig.keep_freed_memory), for every
+model alike. GPT-2 uses its default attention implementation (PyTorch's scaled_dot_product_attention), the
+strong baseline. "ceiling" is pure H3 with its SSMs taken out (`FreeSSMs`): the speed no H3 implementation can
+pass at that shape.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import check_choices, check_device_name, check_numbers
 from ..models import H3Config
@@ -24,7 +23,7 @@ from ..models.config import PRESETS
 from ..training.allocator import keep_freed_memory
 from ..training.flops import flops_per_token
 from .generate import build_model, hippos_config
-from .measure import PeakMemory, format_cells, machine_info, matmul_gflops, run_jobs
+from .measure import PeakMemory, format_cells, machine_info, matmul_gflops, median_time, run_jobs
 
 MODELS = ("h3", "hybrid", "gpt2", "ceiling")
 LABELS = {
@@ -63,16 +62,29 @@ class TrainBenchConfig:
     repeats: int = 2  # timed steps per measurement (median)
     device: str = "cpu"  # torch device to run on
     seed: int = 0  # seed of the random weights and tokens
+    keep_freed_memory: bool = True  # CPU: time steps with freed memory kept for reuse, as `hippos train` does
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("lengths", "batch", "repeats")
+    MINIMUM: ClassVar[dict[str, int]] = {"lengths": 2}  # a step predicts L - 1 tokens: at least one
 
     def __post_init__(self) -> None:
+        """Refuse unknown presets and models, and bad numbers, before any process starts."""
         check_numbers(self)
         check_choices("preset", (self.preset,), PRESETS)
         check_choices("models", self.models, MODELS)
         if not self.lengths:
             raise ValueError("lengths must name at least one sequence length")
         check_device_name(self.device)
+
+
+def train_loss(kind: str, model, ids: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the L - 1 predictions of (B, L) ids, for either kind of model.
+
+    Both make the same L - 1 predictions: GPT-2 shifts its labels inside, ours takes shifted inputs and targets.
+    """
+    if kind == "gpt2":
+        return model(input_ids=ids, labels=ids).loss
+    return model.loss(ids[:, :-1], ids[:, 1:])
 
 
 def measure_train(kind: str, length: int, cfg: TrainBenchConfig) -> dict:
@@ -86,23 +98,16 @@ def measure_train(kind: str, length: int, cfg: TrainBenchConfig) -> dict:
     ids = torch.randint(0, vocab, (cfg.batch, length), generator=gen).to(cfg.device)
 
     def step() -> None:
-        # Both make the same L - 1 predictions: GPT-2 shifts its labels inside.
-        loss = model(input_ids=ids, labels=ids).loss if kind == "gpt2" else model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
+        train_loss(kind, model, ids).backward()
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up: first-call costs stay out of the figures
     with PeakMemory(cfg.device) as mem:  # before keep_freed_memory, which keeps the resident set at its peak
         step()
-    if torch.device(cfg.device).type == "cpu":
+    if cfg.keep_freed_memory and torch.device(cfg.device).type == "cpu":
         keep_freed_memory()  # every model alike, as `hippos train` runs: no page faults for reused memory
         step()  # fills the heap that later steps reuse
-    times = []
-    for _ in range(cfg.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds = median_time(step, cfg.repeats, cfg.device, warmup=0)
     params = sum(p.numel() for p in model.parameters())
     return {"model": kind, "length": length, "batch": cfg.batch, "seconds_per_step": seconds,
             "tokens_per_s": cfg.batch * length / seconds, "peak_mib": mem.mib, "parameters": params}  # fmt: skip
@@ -110,11 +115,6 @@ def measure_train(kind: str, length: int, cfg: TrainBenchConfig) -> dict:
 
 def run_train_bench(cfg: TrainBenchConfig, progress=None) -> dict:
     """Every measurement of cfg, each in a fresh process."""
-    unknown = set(cfg.models) - set(LABELS)
-    if unknown:
-        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(LABELS)}")
-    if cfg.batch < 1 or cfg.repeats < 1 or not cfg.lengths or min(cfg.lengths) < 2:
-        raise ValueError("batch and repeats must be >= 1, lengths >= 2")
     jobs = [({"model": m, "length": n}, (m, n, cfg)) for n in cfg.lengths for m in cfg.models]
     rows = run_jobs(measure_train, jobs, progress)
     return {"config": asdict(cfg), "machine": machine_info(cfg.device), "matmul_gflops": matmul_gflops(cfg.device),

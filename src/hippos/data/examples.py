@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import atomic_write
 
 PREFIX = "example:"  # the data-source scheme: "example:NAME"
 TIMEOUT = 30.0  # seconds a download may wait for the server (to connect, or between two reads)
@@ -111,21 +112,17 @@ def _sha256(path: Path) -> str:
 
 def _download(name: str, entry: Example, path: Path, progress: bool) -> None:
     """Stream the file into a temporary file beside `path`, check it, and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder: the rename is atomic, and concurrent downloads never share a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def write(tmp: Path) -> None:  # atomic_write renames only a complete, checked file; a failure leaves none
+        with open(tmp, "wb") as out:
             size, digest = _stream(name, entry, path, out, progress)
         if size != entry.size or digest != entry.sha256:
             raise ValueError(
                 f"{PREFIX}{name}: the download from {entry.url} does not match: expected {entry.size} bytes, "
                 f"SHA-256 {entry.sha256}; got {size} bytes, SHA-256 {digest}. Nothing was kept"
             )
-        os.replace(tmp, path)
-    except BaseException:  # a failed, damaged or interrupted download leaves nothing behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _stream(name: str, entry: Example, path: Path, out, progress: bool) -> tuple[int, str]:

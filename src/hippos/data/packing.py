@@ -17,6 +17,29 @@ import torch
 from torch import Tensor
 
 
+class EpochOrder:
+    """order(step) -> the indices (batch_size,) of that step's batch: epochs of shuffled, full batches.
+
+    Epoch e visits the items in a permutation drawn from (seed, e) and drops its last incomplete batch. The batch
+    of a step depends on the step alone, so a resumed run sees the data an uninterrupted one would. The one
+    sampler of the project: packed text windows and synthetic examples both draw their batches from it.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0):
+        if not 1 <= batch_size <= num_items:
+            raise ValueError(f"batch_size {batch_size} must be between 1 and the {num_items} items")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.steps_per_epoch = num_items // batch_size
+        self._epoch, self._order = -1, None
+
+    def __call__(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_items, generator=g)
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+
+
 class PackedBatches:
     """batch_at(step) -> (inputs, targets), each (batch_size // world_size, seq_len) int64 on the CPU."""
 
@@ -46,8 +69,8 @@ class PackedBatches:
         # Window w lives in segment seg[w] at offset start[w]: both as arrays, for vectorised lookups.
         self._segment = np.repeat(np.arange(len(segments)), counts)
         self._start = np.concatenate([np.arange(c) * seq_len for c in counts]).astype(np.int64)
-        self.steps_per_epoch = self.num_windows // batch_size
-        self._epoch, self._order = -1, None
+        self.order = EpochOrder(self.num_windows, batch_size, seed)
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def windows(self, index: np.ndarray) -> Tensor:
         """The windows with these indices, (n, seq_len + 1) int64."""
@@ -55,11 +78,7 @@ class PackedBatches:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def __call__(self, step: int) -> tuple[Tensor, Tensor]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_windows, generator=g).numpy()
-        global_batch = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        global_batch = self.order(step).numpy()
         share = self.batch_size // self.world_size
         rows = self.windows(global_batch[self.rank * share : (self.rank + 1) * share])
         return rows[:, :-1], rows[:, 1:]

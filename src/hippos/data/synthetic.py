@@ -1,6 +1,6 @@
 """Synthetic in-context-learning tasks: associative recall, induction head, multi-query associative recall.
 
-The token ids and layouts below are fixed for the project (REFERENCE section 4), so that examples made by any
+The token ids and layouts below are fixed for the project (docs/tasks.md), so that examples made by any
 tool can be scored by any other. V is `SyntheticTask.vocab_size`, L is `SyntheticTask.seq_len`.
 
 Common layout
@@ -77,53 +77,60 @@ class SyntheticTask:
     num_queries: int | None = None  # MQAR: keys queried again (None: all num_pairs); None for the others
 
     def __post_init__(self):
-        name, V, L = self.name, self.vocab_size, self.seq_len
-        if name not in TASK_NAMES:
-            raise ValueError(f"unknown synthetic task {name!r}; choose one of {', '.join(TASK_NAMES)}")
+        """Refuse an unknown task or sizes its format cannot hold, with a ValueError that says what to change."""
+        if self.name not in TASK_NAMES:
+            raise ValueError(f"unknown synthetic task {self.name!r}; choose one of {', '.join(TASK_NAMES)}")
         for field in ("vocab_size", "seq_len", "num_pairs"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{field} must be an int, got {value!r}")
-        if name != "mqar" and self.num_queries is not None:
-            raise ValueError(f"num_queries is for mqar only; leave it None for {name}")
-        if name == "associative_recall":
-            if V < 2 or V % 2:
-                raise ValueError(f"associative_recall needs an even vocab_size >= 2 (keys and values halves), got {V}")
-            if L < 2 or L % 2:
-                raise ValueError(f"associative_recall needs an even seq_len >= 2 (L/2 key-value pairs), got {L}")
-            if self.num_pairs not in (0, L // 2):
-                raise ValueError(
-                    f"associative_recall has seq_len // 2 = {L // 2} pairs; leave num_pairs 0, got {self.num_pairs}"
-                )
-        elif name == "induction_head":
-            if V < 1:
-                raise ValueError(f"induction_head needs vocab_size >= 1, got {V}")
-            if L < 3:
-                raise ValueError(f"induction_head needs seq_len >= 3 (COPY at a position p < L - 2), got {L}")
-            if self.num_pairs != 0:
-                raise ValueError(f"induction_head has no key-value pairs; leave num_pairs 0, got {self.num_pairs}")
-        else:
-            n = self.num_pairs
-            if V < 4 or V % 2:
-                raise ValueError(f"mqar needs an even vocab_size >= 4 (filler, keys, values), got {V}")
-            if n < 1:
-                raise ValueError(f"mqar needs num_pairs >= 1, got {n}")
-            if n > V // 2 - 1:
-                raise ValueError(
-                    f"mqar needs {n} distinct keys but vocab_size {V} has only {V // 2 - 1} (ids 1 .. {V // 2 - 1}); "
-                    "raise vocab_size or lower num_pairs"
-                )
-            if 2 * n > L:
-                raise ValueError(f"mqar: {n} pairs take {2 * n} tokens, more than seq_len {L}")
-            q = self.num_queries
-            if q is not None and (not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= n):
-                raise ValueError(f"mqar num_queries must be an int in 1 .. num_pairs = {n}, got {q!r}")
-            slots = (L + 1 - 2 * n) // 2
-            if self.queries > slots:
-                raise ValueError(
-                    f"mqar: seq_len {L} leaves room for {slots} queries after {n} pairs, but {self.queries} are "
-                    f"asked for; use seq_len >= {2 * n + 2 * self.queries - 1} or fewer num_queries"
-                )
+        if self.name != "mqar" and self.num_queries is not None:
+            raise ValueError(f"num_queries is for mqar only; leave it None for {self.name}")
+        getattr(self, f"_check_{self.name}")()  # _check_associative_recall, _check_induction_head, _check_mqar
+
+    def _check_associative_recall(self) -> None:
+        """Associative recall: even V (keys and values halves), even L, L/2 pairs."""
+        V, L = self.vocab_size, self.seq_len
+        if V < 2 or V % 2:
+            raise ValueError(f"associative_recall needs an even vocab_size >= 2 (keys and values halves), got {V}")
+        if L < 2 or L % 2:
+            raise ValueError(f"associative_recall needs an even seq_len >= 2 (L/2 key-value pairs), got {L}")
+        if self.num_pairs not in (0, L // 2):
+            raise ValueError(
+                f"associative_recall has seq_len // 2 = {L // 2} pairs; leave num_pairs 0, got {self.num_pairs}"
+            )
+
+    def _check_induction_head(self) -> None:
+        """Induction head: V >= 1, room for COPY at p < L - 2, no pairs."""
+        if self.vocab_size < 1:
+            raise ValueError(f"induction_head needs vocab_size >= 1, got {self.vocab_size}")
+        if self.seq_len < 3:
+            raise ValueError(f"induction_head needs seq_len >= 3 (COPY at a position p < L - 2), got {self.seq_len}")
+        if self.num_pairs != 0:
+            raise ValueError(f"induction_head has no key-value pairs; leave num_pairs 0, got {self.num_pairs}")
+
+    def _check_mqar(self) -> None:
+        """MQAR: even V with room for n distinct keys, the pairs and every query within L."""
+        V, L, n, q = self.vocab_size, self.seq_len, self.num_pairs, self.num_queries
+        if V < 4 or V % 2:
+            raise ValueError(f"mqar needs an even vocab_size >= 4 (filler, keys, values), got {V}")
+        if n < 1:
+            raise ValueError(f"mqar needs num_pairs >= 1, got {n}")
+        if n > V // 2 - 1:
+            raise ValueError(
+                f"mqar needs {n} distinct keys but vocab_size {V} has only {V // 2 - 1} (ids 1 .. {V // 2 - 1}); "
+                "raise vocab_size or lower num_pairs"
+            )
+        if 2 * n > L:
+            raise ValueError(f"mqar: {n} pairs take {2 * n} tokens, more than seq_len {L}")
+        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= n):
+            raise ValueError(f"mqar num_queries must be an int in 1 .. num_pairs = {n}, got {q!r}")
+        slots = (L + 1 - 2 * n) // 2
+        if self.queries > slots:
+            raise ValueError(
+                f"mqar: seq_len {L} leaves room for {slots} queries after {n} pairs, but {self.queries} are "
+                f"asked for; use seq_len >= {2 * n + 2 * self.queries - 1} or fewer num_queries"
+            )
 
     @property
     def pairs(self) -> int:

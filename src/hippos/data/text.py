@@ -24,7 +24,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import numpy as np
 
 from .examples import PREFIX as EXAMPLE_PREFIX
 from .examples import default_cache_dir, fetch_example, get_example  # default_cache_dir: one cache for both
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 TEXT_BLOCK = 1 << 20  # characters per tokenizer call: large files are encoded in line-aligned blocks
@@ -282,10 +282,8 @@ def tokenize_corpus(
     if (final / "meta.json").is_file():
         return TokenCorpus.open(final)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    work = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+
+    def write(work: Path) -> None:  # fills the temporary folder that atomic_write renames to `final`
         shards, num_bytes = _write_shards(sources, tokenizer, work, dtype, text_field, progress)
         if not shards or sum(s["tokens"] for s in shards) == 0:
             raise ValueError(f"no text in {', '.join(s.describe() for s in sources)}: the corpus is empty")
@@ -293,15 +291,12 @@ def tokenize_corpus(
                 "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
                 "sources": [s.describe() for s in sources]}  # fmt: skip
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(work, final)
-        except OSError:  # another process (a parallel run) finished the same corpus first: theirs is as good
-            if not (final / "meta.json").is_file():
-                raise
-            shutil.rmtree(work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+
+    try:
+        atomic_write(final, write, directory=True)
+    except OSError:  # another process (a parallel run) finished the same corpus first: theirs is as good
+        if not (final / "meta.json").is_file():
+            raise
     return TokenCorpus.open(final)
 
 

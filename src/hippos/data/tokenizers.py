@@ -98,41 +98,6 @@ def _save_hf(tok, directory) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-BYTES_VOCAB, GPT2_VOCAB = 257, 50257
-
-
-def default_tokenizer(model_dir, vocab_size: int) -> str:
-    """The tokenizer of a model when none is named: one rule for every command (generate, eval ppl, harness).
-
-    1. "bytes" when the model's run recorded it (run.json of a `hippos train` run directory);
-    2. the model folder itself when it holds tokenizer files (runs save theirs; so do Hugging Face folders);
-    3. the name its run recorded;
-    4. by vocabulary size: 257 ids are bytes, 50257 are GPT-2's ("gpt2");
-    otherwise there is no sensible default, and a ValueError asks for one.
-    """
-    import json
-    from pathlib import Path
-
-    folder = Path(model_dir) if model_dir is not None and Path(model_dir).is_dir() else None
-    recorded = None
-    if folder is not None and (folder / "run.json").is_file():
-        data = json.loads((folder / "run.json").read_text()).get("data")
-        recorded = data.get("tokenizer") if isinstance(data, dict) else None
-    if recorded == "bytes":
-        return "bytes"
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        return str(folder)
-    if recorded:
-        return recorded
-    by_vocab = {BYTES_VOCAB: "bytes", GPT2_VOCAB: "gpt2"}.get(vocab_size)
-    if by_vocab is None:
-        raise ValueError(
-            f"no default tokenizer for a model of {vocab_size} ids (257 would be bytes, 50257 GPT-2's, and its "
-            "folder holds no tokenizer files): name one with --tokenizer"
-        )
-    return by_vocab
-
-
 def load_tokenizer(name: str = "bytes") -> ByteTokenizer | HFTokenizer:
     """ "bytes" for the built-in tokenizer; otherwise a Hugging Face tokenizer name ("gpt2") or local path."""
     if name == "bytes":
@@ -171,12 +136,7 @@ def train_bpe_tokenizer(
 
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size {vocab_size} must exceed the 256 byte tokens and end-of-text: at least 258")
-    try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    except ImportError:
-        raise ImportError(
-            "training a tokenizer needs the tokenizers package: pip install 'hungry-hippos[hf]'"
-        ) from None
+    tok, trainer = _bpe_trainer(vocab_size, min_frequency, progress)
     sources = find_sources(specs)
     seen = {"chars": 0}
 
@@ -186,6 +146,22 @@ def train_bpe_tokenizer(
                 seen["chars"] += sum(len(b) for b in blocks)
                 yield from blocks
 
+    tok.train_from_iterator(texts(), trainer=trainer)
+    if seen["chars"] == 0:
+        raise ValueError(f"no text in {', '.join(s.describe() for s in sources)}: nothing to train a tokenizer on")
+    tok.add_special_tokens([EOT])
+    _save_hf(tok, out_dir)
+    return load_tokenizer(str(out_dir))
+
+
+def _bpe_trainer(vocab_size: int, min_frequency: int, progress: bool):
+    """(an empty byte-level BPE Tokenizer, its BpeTrainer) from the `tokenizers` library."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise ImportError(
+            "training a tokenizer needs the tokenizers package: pip install 'hungry-hippos[hf]'"
+        ) from None
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -195,9 +171,4 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
-    tok.train_from_iterator(texts(), trainer=trainer)
-    if seen["chars"] == 0:
-        raise ValueError(f"no text in {', '.join(s.describe() for s in sources)}: nothing to train a tokenizer on")
-    tok.add_special_tokens([EOT])
-    _save_hf(tok, out_dir)
-    return load_tokenizer(str(out_dir))
+    return tok, trainer

@@ -2,6 +2,17 @@
 
 from .decode import Sampling, generate, stream
 from .sampling import filter_logits, sample_next
-from .state import load_state, save_state
+from .state import load_state, read_state, save_state
+from .streaming import TextStreamer
 
-__all__ = ["Sampling", "filter_logits", "generate", "load_state", "sample_next", "save_state", "stream"]
+__all__ = [
+    "Sampling",
+    "TextStreamer",
+    "filter_logits",
+    "generate",
+    "load_state",
+    "read_state",
+    "sample_next",
+    "save_state",
+    "stream",
+]

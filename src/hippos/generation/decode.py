@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..models import H3LM
+from ..models.lm import LMState
 from ..ops.checks import values_known
 from .sampling import check_generator, check_sampling, sample_next
 
@@ -29,9 +31,21 @@ class Sampling:
     generator: torch.Generator | None = None  # random source, for reproducible sampling
 
 
-def _check_prompt(model: H3LM, input_ids: Tensor, attention_mask: Tensor | None, state) -> None:
+def _check_request(model: H3LM, input_ids, max_new_tokens: int, sampling: Sampling, attention_mask, state) -> None:
+    """Refuse sampling settings, a prompt, a mask or a generator that cannot work, before any work."""
+    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_prompt(input_ids, attention_mask, state)
+    check_generator(sampling.generator, model.lm_head.weight.device)
+
+
+def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None, state: LMState | None) -> None:
+    """Refuse an empty prompt, a mask that is not left padding of a fresh prompt, a state of another batch size."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) prompt, got shape {tuple(input_ids.shape)}")
+    if state is not None and state.batch_size != input_ids.shape[0]:
+        raise ValueError(f"the state holds {state.batch_size} sequences but input_ids {input_ids.shape[0]}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -50,25 +64,19 @@ def stream(
     max_new_tokens: int,
     sampling: Sampling | None = None,
     attention_mask: Tensor | None = None,
-    state: list | None = None,
+    state: LMState | None = None,
     final_state: list | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of every sequence, (B,), up to max_new_tokens times or until all hit EOS.
 
     state: continue from a state saved after earlier text (input_ids is then the text that follows).
-    final_state: a list that receives the state after every token, the last one included, at the end.
+    final_state: a list to which the LMState after every token, the last one included, is appended at the end.
     """
     sampling = sampling or Sampling()
-    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    _check_prompt(model, input_ids, attention_mask, state)
-    check_generator(sampling.generator, model.lm_head.weight.device)
-    vocab, eos = model.config.vocab_size, sampling.eos_token_id
-
-    def choose(logits: Tensor) -> Tensor:
-        return sample_next(logits, vocab, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator)
-
+    _check_request(model, input_ids, max_new_tokens, sampling, attention_mask, state)
+    eos, s = sampling.eos_token_id, sampling
+    options = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "generator": s.generator}
+    choose = partial(sample_next, vocab_size=model.config.vocab_size, **options)
     out = model(input_ids, attention_mask=attention_mask, state=state, return_state=True)
     state, logits = out.state, out.logits[:, -1]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -86,7 +94,7 @@ def stream(
         if last:
             break
     if final_state is not None:
-        final_state[:] = state
+        final_state.append(state)
 
 
 def generate(
@@ -100,13 +108,13 @@ def generate(
     attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     streamer=None,
-    state: list | None = None,
+    state: LMState | None = None,
     return_state: bool = False,
-):
+) -> Tensor | tuple[Tensor, LMState]:
     """Prompt (B, L) -> (B, L + new) token ids, new <= max_new_tokens (fewer when every sequence hit EOS).
 
-    Greedy when temperature is 0 or top_k is 1. streamer: any object with put(tokens (B,)) and end().
-    state / return_state: continue from, and hand back, the recurrent state (a list, one entry per layer).
+    Greedy when temperature is 0 or top_k is 1. streamer: any object with put(tokens (B,)) and end(), such as
+    TextStreamer. state / return_state: continue from, and hand back (as (ids, state)), the model's LMState.
     """
     sampling = Sampling(temperature, top_k, top_p, eos_token_id, generator)
     final: list | None = [] if return_state else None
@@ -118,4 +126,4 @@ def generate(
     if streamer is not None:
         streamer.end()
     ids = torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()
-    return (ids, final) if return_state else ids
+    return (ids, final[0]) if return_state else ids

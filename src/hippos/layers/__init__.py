@@ -1,16 +1,32 @@
-"""Sequence layers. Mixers (H3, S4D, attention) share one state contract:
+"""Sequence layers. Mixers (H3, S4D, attention) share one state contract (docs/state.md):
 
     y, state = mixer(x, state=None, return_state=False)   # x (B, L, D), parallel over the sequence
     y_t, state = mixer.step(x_t, state)                    # x_t (B, D), one token
     state = mixer.init_state(batch_size, device, dtype)
 
+Each mixer's state is a small dataclass (H3State, S4DState, AttentionState) with one protocol (layers/state.py):
+batch_size, select(rows), concat(states), to(device, dtype), to_tensors() and from_tensors(tensors).
 The SSMs themselves (ShiftSSM, DiagonalSSM) work channel-first on (..., H, L) with the same three calls.
 """
 
-from .attention import MultiHeadAttention
+from .attention import AttentionState, MultiHeadAttention
 from .diagonal_ssm import DiagonalSSM
 from .h3 import H3, H3State
-from .s4d import S4D
+from .s4d import S4D, S4DState
 from .shift_ssm import ShiftSSM
+from .state import STATE_TYPES, MixerState, SSMState, state_type
 
-__all__ = ["H3", "S4D", "DiagonalSSM", "H3State", "MultiHeadAttention", "ShiftSSM"]
+__all__ = [
+    "H3",
+    "S4D",
+    "STATE_TYPES",
+    "AttentionState",
+    "DiagonalSSM",
+    "H3State",
+    "MixerState",
+    "MultiHeadAttention",
+    "S4DState",
+    "SSMState",
+    "ShiftSSM",
+    "state_type",
+]

@@ -1,12 +1,17 @@
 """Causal multi-head attention with a KV cache as its state, and optional GPT-NeoX style rotary embedding.
 
-Parameter layout follows the official hybrid models (REFERENCE 2): a fused Wqkv whose rows are all query
+The state (AttentionState) holds a length per row, so that rows at different positions share a batch: left-padded
+prompts, and rows that join or leave a running batch (`concat`, `select`), each attend to their own tokens only.
+
+Parameter layout follows the official hybrid models (docs/models.md): a fused Wqkv whose rows are all query
 heads, then all key heads, then all value heads, with bias; out_proj with bias; scale 1/sqrt(head size).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,50 +20,136 @@ from torch import Tensor, nn
 from ..ops.checks import values_known
 from ._checks import check_sequence, check_token
 from .decode_linear import decode_linear
+from .state import MixerState, check_concat, row_index
 
 
-@dataclass
-class KVCache:
-    """Keys and values seen so far; buffers (B, n_head, capacity, head_dim) filled up to `length`.
+class KVBuffers:
+    """Preallocated keys and values (B, n_head, capacity, head_dim) that successive states extend in place.
 
-    Decoding appends in place into preallocated buffers (doubling when full), so a token costs no copy of
-    the cache. Two cases build new buffers instead, so that a cache behaves like a value: when autograd
-    still needs the old contents, and when a cache is extended a second time from the same point (a state
-    that was saved and is reused, or forked for several continuations): copy on write.
+    `filled` counts the slots that any state on these buffers has written. Every such state ends at or before
+    `filled` and reads only the slots before its own end, so the state that ends exactly at `filled` may write
+    the slots after it in place: they are nobody's. Any other state copies first: it is being extended a second
+    time (a branch, or a state that was kept and is continued again), and the slots after it are taken.
     """
 
-    k: Tensor
-    v: Tensor
-    length: int = 0
-    # How far the shared buffers have been written by any cache that uses them: a list, shared on purpose.
-    written: list = field(default_factory=lambda: [0])
-    # Left-padding tokens at the start of each sequence (B,) long, or None: keys there are never attended
-    # to, and rotary positions count from the first real token.
-    pad: Tensor | None = None
+    def __init__(self, k: Tensor, v: Tensor, filled: int):
+        self.k, self.v, self.filled = k, v, filled
 
-    def append(self, k: Tensor, v: Tensor) -> KVCache:
-        """A cache holding these new keys and values (B, n_head, L, head_dim) after the old ones."""
-        need = self.length + k.shape[2]
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self.k.requires_grad):
-            return KVCache(torch.cat([self.keys(), k], 2), torch.cat([self.values(), v], 2), need, [need], self.pad)
-        buf_k, buf_v, written = self.k, self.v, self.written
-        capacity = buf_k.shape[2]
-        if need > capacity or written[0] > self.length:
-            capacity = max(need, 2 * capacity) if need > capacity else capacity
-            buf_k, buf_v = (F.pad(t[:, :, : self.length], (0, 0, 0, capacity - self.length)) for t in (self.k, self.v))
-            written = [self.length]
-        buf_k[:, :, self.length : need] = k
-        buf_v[:, :, self.length : need] = v
-        written[0] = need
-        return KVCache(buf_k, buf_v, need, written, self.pad)
+    @property
+    def capacity(self) -> int:
+        """Slots allocated."""
+        return self.k.shape[2]
+
+
+@dataclass(eq=False)
+class AttentionState(MixerState):
+    """The keys and values of every row so far: a KV cache whose rows may be at different positions.
+
+    Storage is right-aligned: every row ends at slot `end`, and row b holds slots start[b] .. end - 1, so its
+    length is end - start[b], which is also the position of its next token (rotary). Left padding of a prompt
+    and rows that joined the batch later both show as a larger start; a row never attends to slots before its
+    start. A decode step writes slot `end` of every row at once: one in-place copy into preallocated buffers
+    (doubling when full), no host sync, no loop over rows. `concat` right-aligns rows of different lengths.
+    """
+
+    buffers: KVBuffers
+    end: int  # slots in use, the same for every row
+    start: Tensor | None = None  # (B,) long: each row's first slot; None: slot 0 for every row
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.buffers.k.shape[0]
 
     def keys(self) -> Tensor:
-        """Filled keys (B, n_head, length, head_dim)."""
-        return self.k[:, :, : self.length]
+        """Keys (B, n_head, end, head_dim); row b's are those from slot start[b] on."""
+        return self.buffers.k[:, :, : self.end]
 
     def values(self) -> Tensor:
-        """Filled values (B, n_head, length, head_dim)."""
-        return self.v[:, :, : self.length]
+        """Values (B, n_head, end, head_dim), laid out as the keys."""
+        return self.buffers.v[:, :, : self.end]
+
+    def lengths(self) -> Tensor:
+        """Tokens each row holds, (B,) long."""
+        if self.start is None:
+            return torch.full((self.batch_size,), self.end, device=self.buffers.k.device)
+        return self.end - self.start
+
+    def append(self, k: Tensor, v: Tensor) -> AttentionState:
+        """A state with keys and values (B, n_head, L, head_dim) after each row's own; this one is unchanged."""
+        end = self.end + k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self.buffers.k.requires_grad):
+            # Autograd keeps the old keys for the backward pass: new tensors, nothing written in place.
+            buffers = KVBuffers(torch.cat([self.keys(), k], 2), torch.cat([self.values(), v], 2), end)
+            return AttentionState(buffers, end, self.start)
+        buffers = self.buffers
+        if buffers.filled != self.end or end > buffers.capacity:
+            buffers = self._copy(max(end, 2 * buffers.capacity) if end > buffers.capacity else buffers.capacity)
+        buffers.k[:, :, self.end : end] = k
+        buffers.v[:, :, self.end : end] = v
+        buffers.filled = end
+        return AttentionState(buffers, end, self.start)
+
+    def _copy(self, capacity: int) -> KVBuffers:
+        """New buffers of this capacity holding this state's slots."""
+        grow = (0, 0, 0, capacity - self.end)
+        return KVBuffers(F.pad(self.keys(), grow), F.pad(self.values(), grow), self.end)
+
+    def select(self, rows: Tensor | Sequence[int]) -> AttentionState:
+        """A state of the given rows (any order, repeats allowed), in new buffers of the same capacity."""
+        index = row_index(rows, self.buffers.k.device)
+        k, v = (t.index_select(0, index) for t in (self.buffers.k, self.buffers.v))
+        start = None if self.start is None else self.start.index_select(0, index.to(self.start.device))
+        return AttentionState(KVBuffers(k, v, self.end), self.end, start)
+
+    @classmethod
+    def concat(cls, states: Sequence[AttentionState]) -> AttentionState:
+        """The rows of every state, right-aligned at the longest; slots no row uses are dropped (reads starts)."""
+        check_concat(cls, states)
+        used = [s.end - s._first_used() for s in states]
+        end = max(used)
+        first = states[0].buffers.k
+        capacity = end + max(s.buffers.capacity - s.end for s in states)  # the largest headroom stays
+        k = first.new_zeros((sum(s.batch_size for s in states), first.shape[1], capacity, first.shape[3]))
+        v = torch.zeros_like(k)
+        row = 0
+        for s, n in zip(states, used, strict=True):
+            rows, slots = slice(row, row + s.batch_size), slice(end - n, end)
+            k[rows, :, slots], v[rows, :, slots] = s.keys()[:, :, s.end - n :], s.values()[:, :, s.end - n :]
+            row += s.batch_size
+        if all(s.start is None and s.end == end for s in states):
+            return cls(KVBuffers(k, v, end), end)
+        start = torch.cat([end - s.lengths().to(first.device) for s in states])  # slot j moves to j + end - s.end
+        return cls(KVBuffers(k, v, end), end, start)
+
+    def _first_used(self) -> int:
+        """The first slot any row uses (a host read of start; 0 where its values are unknown)."""
+        if self.start is None or self.batch_size == 0 or not values_known(self.start):
+            return 0
+        return int(self.start.min())
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> AttentionState:
+        """This state on `device`, keys and values in `dtype` (None: unchanged)."""
+        k, v = (t.to(device, dtype) for t in (self.buffers.k, self.buffers.v))
+        start = None if self.start is None else self.start.to(device)
+        if k is self.buffers.k and v is self.buffers.v:
+            return AttentionState(self.buffers, self.end, start)  # the same buffers: share their fill count too
+        return AttentionState(KVBuffers(k, v, self.end), self.end, start)
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """{"k", "v": (B, n_head, end, head_dim), and "start": (B,) when some row does not start at slot 0}."""
+        tensors = {"k": self.keys(), "v": self.values()}
+        if self.start is not None:
+            tensors["start"] = self.start
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> AttentionState:
+        """The state `to_tensors` described (its first step copies: the given tensors are never written)."""
+        if not {"k", "v"} <= set(tensors) <= {"k", "v", "start"}:
+            raise ValueError(f"AttentionState needs tensors k, v and optionally start, got {sorted(tensors)}")
+        end = tensors["k"].shape[2]
+        return cls(KVBuffers(tensors["k"], tensors["v"], end), end, tensors.get("start"))
 
 
 class Rotary(nn.Module):
@@ -98,7 +189,7 @@ def left_padding(mask: Tensor) -> Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention; x (B, L, d_model). State: a KVCache of the tokens seen so far."""
+    """Causal multi-head self-attention; x (B, L, d_model). State: an AttentionState of the tokens seen so far."""
 
     def __init__(self, d_model: int, n_head: int, rotary_dim: int = 0, device=None, dtype=None):
         super().__init__()
@@ -112,12 +203,12 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, **factory)
         self.rotary_emb = Rotary(rotary_dim, device=device) if rotary_dim else None
 
-    def init_state(self, batch_size: int, device=None, dtype=None, capacity: int = 256) -> KVCache:
-        """Empty KV cache with room for `capacity` tokens (it grows when needed)."""
+    def init_state(self, batch_size: int, device=None, dtype=None, capacity: int = 256) -> AttentionState:
+        """Empty state with room for `capacity` tokens per row (it grows when needed)."""
         dtype = dtype or self.Wqkv.weight.dtype
         shape = (batch_size, self.n_head, capacity, self.head_dim)
         zeros = torch.zeros(shape, device=device, dtype=dtype)
-        return KVCache(zeros, torch.zeros_like(zeros))
+        return AttentionState(KVBuffers(zeros, torch.zeros_like(zeros), 0), 0)
 
     def _heads(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, D) -> q, k, v each (B, n_head, L, head_dim), rotary applied at `positions`."""
@@ -129,54 +220,78 @@ class MultiHeadAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: Tensor, state: KVCache | None = None, return_state: bool = False, mask: Tensor | None = None
-    ) -> tuple[Tensor, KVCache | None]:
-        """Whole sequence after the cached tokens; x (B, L, D) -> (out (B, L, D), cache or None).
+        self, x: Tensor, state: AttentionState | None = None, return_state: bool = False, mask: Tensor | None = None
+    ) -> tuple[Tensor, AttentionState | None]:
+        """Whole sequence after each row's cached tokens; x (B, L, D) -> (out (B, L, D), state or None).
 
         mask (B, L), 1 for real tokens and 0 for left padding, only where the sequence starts (no cache yet).
         """
         check_sequence(x, self.d_model)
         B, L, D = x.shape
-        past = state.length if state is not None else 0
-        pad = state.pad if state is not None else None
+        if state is not None:
+            _check_rows(state, B)
+        past = state.end if state is not None else 0
+        start = state.start if state is not None else None
         if mask is not None:
             if past:
                 raise ValueError("attention_mask applies to the start of a sequence; a cache already holds tokens")
-            pad = left_padding(mask)
-        steps = torch.arange(past, past + L, device=x.device)
-        positions = steps if pad is None else steps[None] - pad[:, None]
-        q, k, v = self._heads(x, positions)
+            start = left_padding(mask)
+        q, k, v = self._heads(x, _positions(past, L, start, x.device))
         if past or return_state:
-            state = (state or self.init_state(B, x.device, k.dtype, capacity=L)).append(k, v)
-            state.pad = pad
+            empty = state if state is not None else self.init_state(B, x.device, k.dtype, capacity=L)
+            state = dataclasses.replace(empty, start=start).append(k, v)
             keys, values = state.keys(), state.values()
         else:
             keys, values = k, v
-        if pad is None and not past:
+        if start is None and not past:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Query i sits at absolute position past + i and sees keys 0 .. past + i, minus padding (a padded
-            # query still sees itself, so that no row is empty).
-            key_pos = torch.arange(past + L, device=x.device)
-            allowed = key_pos[None, :] <= steps[:, None]
-            if pad is not None:
-                allowed = (allowed & (key_pos >= pad[:, None, None])) | (key_pos == steps[:, None])
-                allowed = allowed[:, None]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=_prefill_mask(past, L, start, x.device))
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
         return out, (state if return_state else None)
 
-    def step(self, x_t: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
-        """One token; x_t (B, D) -> (out (B, D), cache with the token appended)."""
+    def step(self, x_t: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
+        """One token per row; x_t (B, D) -> (out (B, D), state with the token appended to every row)."""
         check_token(x_t, self.d_model)
-        # Filled on the device: torch.tensor([length], device=...) would copy from the host, and that copy
-        # waits for the device's queue to drain, every step.
-        step = torch.full((1,), state.length, device=x_t.device)
-        positions = step if state.pad is None else step[None] - state.pad[:, None]
-        q, k, v = self._heads(x_t[:, None], positions)
+        _check_rows(state, x_t.shape[0])
+        q, k, v = self._heads(x_t[:, None], _positions(state.end, 1, state.start, x_t.device))
         state = state.append(k, v)
         mask = None
-        if state.pad is not None:
-            mask = (torch.arange(state.length, device=x_t.device) >= state.pad[:, None])[:, None, None]
+        if state.start is not None:  # each row sees its own slots only
+            mask = (torch.arange(state.end, device=x_t.device) >= state.start[:, None])[:, None, None]
         out = F.scaled_dot_product_attention(q, state.keys(), state.values(), attn_mask=mask)
         return decode_linear(self.out_proj, out.reshape(x_t.shape[0], self.d_model)), state
+
+
+def _check_rows(state: AttentionState, batch: int) -> None:
+    """Require a state of `batch` rows."""
+    if state.batch_size != batch:
+        raise ValueError(
+            f"attention state has {state.batch_size} rows, expected {batch}; "
+            "build it with init_state(batch_size) or take it from the same layer"
+        )
+
+
+def _positions(past: int, length: int, start: Tensor | None, device) -> Tensor:
+    """Positions of the next `length` tokens after slot `past`: (length,), or per row (B, length) given starts.
+
+    Made on the device: torch.tensor([past], device=...) would copy from the host, and that copy waits for the
+    device's queue to drain, every decode step.
+    """
+    slots = torch.arange(past, past + length, device=device)
+    return slots if start is None else slots[None] - start[:, None]
+
+
+def _prefill_mask(past: int, length: int, start: Tensor | None, device) -> Tensor:
+    """Which slots each new query sees: (length, past + length), or per row (B, 1, length, past + length).
+
+    Query i sits in slot past + i and sees slots 0 .. past + i, except those before its row's start (padding,
+    or slots from before the row joined); a padded query still sees itself, so that no row of the mask is empty.
+    """
+    slots = torch.arange(past, past + length, device=device)
+    key_slots = torch.arange(past + length, device=device)
+    allowed = key_slots[None, :] <= slots[:, None]
+    if start is None:
+        return allowed
+    allowed = (allowed & (key_slots >= start[:, None, None])) | (key_slots == slots[:, None])
+    return allowed[:, None]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import (
-    causal_conv,
     compute_dtype,
-    diag_final_state,
     diag_kernel,
     diag_ssm_chunked,
-    diag_state_outputs,
-    diag_step_prepared,
+    diag_ssm_fft,
+    diag_ssm_step,
     discretize,
     ssm_A,
     step_output_weights,
@@ -55,14 +54,18 @@ def s4d_init(channels: int, d_state: int, init: str, dt_min: float, dt_max: floa
 
 
 class DiagonalSSM(nn.Module):
-    """Diagonal (S4D) SSM over channel-first inputs u (..., H, L); parameters as in REFERENCE 1 and 3.
+    """Diagonal (S4D) SSM over channel-first inputs u (..., H, L); parameters as in docs/math.md.
 
     Complex parameters are stored as real (..., 2) pairs (re, im), the layout of the official checkpoints.
     State: the complex SSM state (..., H, M), M = d_state / 2 (complex64, complex128 for float64 inputs).
-    `mode` picks how `forward` runs: "fft" (convolution with the whole kernel: `causal_conv`, an FFT or for
-    short sequences a Toeplitz matmul), "chunked" (FlashConv state passing) or "auto" (the faster of the two
-    for the length at hand). All give the same result.
+    `mode` picks how `forward` runs: "fft" (`diag_ssm_fft`, convolution with the whole kernel: an FFT or for
+    short sequences a Toeplitz matmul), "chunked" (`diag_ssm_chunked`, FlashConv state passing) or "auto"
+    (the faster of the two for the length at hand). All give the same result.
     """
+
+    # The parameters of the SSM optimiser group: no weight decay, learning rate at most 1e-3 (docs/models.md).
+    # The training code finds them by walking the modules; C is an ordinary weight.
+    ssm_parameter_names: ClassVar[tuple[str, ...]] = ("log_dt", "inv_A_real", "A_imag", "B")
 
     def __init__(
         self,
@@ -93,8 +96,6 @@ class DiagonalSSM(nn.Module):
         self.A_imag = nn.Parameter(torch.empty(channels, M, **factory))
         self.B = nn.Parameter(torch.empty(channels, M, 2, **factory))
         self.C = nn.Parameter(torch.empty(channels, M, 2, **factory))
-        for p in (self.log_dt, self.inv_A_real, self.A_imag, self.B):
-            p._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
         self._discrete_cache = ParamCache()  # decode steps reuse the discrete system
         self._step_cache = ParamCache()  # ... and what a step needs of it
         self.reset_parameters()
@@ -114,9 +115,9 @@ class DiagonalSSM(nn.Module):
         """The parameters the discrete system depends on."""
         return [self.log_dt, self.inv_A_real, self.A_imag, self.B, self.C]
 
-    def _step_constants(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _step_constants(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dA, dB, C = self.discrete()
-        return dA, dB, step_output_weights(C)
+        return dA, dB, C, step_output_weights(C)
 
     def _discretize(self) -> tuple[Tensor, Tensor, Tensor]:
         cdt = compute_dtype(self.log_dt.dtype)
@@ -148,22 +149,11 @@ class DiagonalSSM(nn.Module):
         """y = SSM(u) (+ skip * u); u (..., H, L) -> (y (..., H, L), final state (..., H, M) or None)."""
         if state is not None:
             check_state(state, (*u.shape[:-1], self.n_modes), "diagonal SSM state")
-        dA, dB, C = self.discrete()
-        L = u.shape[-1]
-        if self.resolve_mode(L) == "chunked":
-            y, new_state = diag_ssm_chunked(u, dA, dB, C, skip, state, self.chunk)
-            return y, (new_state if return_state else None)
-        y = causal_conv(u, diag_kernel(dA, dB, C, L), skip)
-        if state is not None:
-            y = y + diag_state_outputs(state, dA, C, L, u.dtype, self.chunk)
-        new_state = diag_final_state(u, dA, dB, state, self.chunk) if return_state else None
-        return y, new_state
+        op = diag_ssm_chunked if self.resolve_mode(u.shape[-1]) == "chunked" else diag_ssm_fft
+        return op(u, *self.discrete(), skip, state, return_state, chunk=self.chunk)
 
     def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One recurrent step; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state)."""
         check_state(state, (*u_t.shape, self.n_modes), "diagonal SSM state")
-        u = u_t.to(state.real.dtype)
-        y, state = diag_step_prepared(u, state, *self._step_cache.get(self.parameters_list(), self._step_constants))
-        if skip is not None:
-            y = torch.addcmul(y, skip.to(y.dtype), u)
-        return y.to(u_t.dtype), state
+        dA, dB, C, out_weights = self._step_cache.get(self.parameters_list(), self._step_constants)
+        return diag_ssm_step(u_t, state, dA, dB, C, skip, out_weights=out_weights)

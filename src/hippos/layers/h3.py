@@ -8,7 +8,7 @@
 
 With head_dim hd > 1 each head h forms the hd x hd outer product kv[d1, d2] = k'[h, d1] v[h, d2], runs every
 entry through diagonal SSM channel h, and contracts with q: out[h, d2] = sum_d1 q[h, d1] y[h, d1, d2].
-Channels are ordered (h, d) on the way in and (h, d2) on the way out (REFERENCE 1).
+Channels are ordered (h, d) on the way in and (h, d2) on the way out (docs/math.md).
 
 The SSM part runs channel-first (B, D, L) so that both SSMs see contiguous time series.
 """
@@ -16,6 +16,7 @@ The SSM part runs channel-first (B, D, L) so that both SSMs see contiguous time 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from ._checks import check_d_state, check_sequence, check_token
 from .decode_linear import decode_linear
 from .diagonal_ssm import DiagonalSSM
 from .shift_ssm import ShiftSSM
+from .state import SSMState
 
 
 def channel_first_linear(linear: nn.Linear, x: Tensor) -> Tensor:
@@ -39,24 +41,12 @@ def channel_first_linear(linear: nn.Linear, x: Tensor) -> Tensor:
 
 
 @dataclass
-class H3State:
+class H3State(SSMState):
     """Recurrent state of an H3 layer: fixed size, whatever the length of the sequence behind it."""
 
     shift: Tensor  # (B, D, N) real: the last N inputs of the shift SSM
     diag: Tensor  # (B, H, M) complex, or (B, hd, hd, H, M) when head_dim > 1
-
-
-# Official parameter names (REFERENCE 3) -> ours; the official C tensors carry a leading channel axis of 1.
-OFFICIAL_H3_NAMES = {
-    "ssm_k_kernel.kernel.B": "shift.B",
-    "ssm_k_kernel.kernel.C": "shift.C",
-    "kernel.kernel.log_dt": "diag.log_dt",
-    "kernel.kernel.inv_A_real": "diag.inv_A_real",
-    "kernel.kernel.A_imag": "diag.A_imag",
-    "kernel.kernel.B": "diag.B",
-    "kernel.kernel.C": "diag.C",
-}
-_OFFICIAL_SQUEEZED = {"ssm_k_kernel.kernel.C", "kernel.kernel.C"}
+    complex_fields: ClassVar[tuple[str, ...]] = ("diag",)
 
 
 class H3(nn.Module):
@@ -155,16 +145,3 @@ class H3(nn.Module):
             y, new = ssm(kv, diag_state, return_state, skip=self.D)
         out = torch.einsum("bhil,bijhl->bhjl", q, y)  # (B, H, hd(d2), L): output order (h, d2)
         return out.reshape(Bsz, D, L), new
-
-    # ---- official checkpoints ---------------------------------------------------------------------------
-    @staticmethod
-    def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Map one official H3 mixer's tensors (names relative to the mixer, REFERENCE 3) to this layer's."""
-        converted = {}
-        for name, tensor in official.items():
-            if name in _OFFICIAL_SQUEEZED:
-                if tensor.shape[0] != 1:
-                    raise ValueError(f"{name}: expected one output channel (leading axis 1), got {tuple(tensor.shape)}")
-                tensor = tensor[0]
-            converted[OFFICIAL_H3_NAMES.get(name, name)] = tensor
-        return converted

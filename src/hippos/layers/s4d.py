@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,10 +12,19 @@ from torch import Tensor, nn
 from ._checks import check_sequence, check_token
 from .decode_linear import decode_linear
 from .diagonal_ssm import DiagonalSSM
+from .state import SSMState
+
+
+@dataclass
+class S4DState(SSMState):
+    """Recurrent state of an S4D layer: the diagonal SSM's state, fixed size."""
+
+    diag: Tensor  # (B, D, M) complex
+    complex_fields: ClassVar[tuple[str, ...]] = ("diag",)
 
 
 class S4D(nn.Module):
-    """out = W_o GELU(diag_ssm(x) + D x) + b_o; x (B, L, d_model). State: the SSM state (B, D, M) complex."""
+    """out = W_o GELU(diag_ssm(x) + D x) + b_o; x (B, L, d_model). State: an S4DState."""
 
     def __init__(
         self,
@@ -35,13 +47,13 @@ class S4D(nn.Module):
         self.D = nn.Parameter(torch.randn(d_model, **factory))
         self.output_linear = nn.Linear(d_model, d_model, **factory)
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+    def init_state(self, batch_size: int, device=None, dtype=None) -> S4DState:
         """Zero state for a batch: before any token."""
-        return self.diag.init_state(batch_size, device, dtype)
+        return S4DState(self.diag.init_state(batch_size, device, dtype))
 
     def forward(
-        self, x: Tensor, state: Tensor | None = None, return_state: bool = False, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+        self, x: Tensor, state: S4DState | None = None, return_state: bool = False, mask: Tensor | None = None
+    ) -> tuple[Tensor, S4DState | None]:
         """Whole sequence in parallel; x (B, L, D) -> (out (B, L, D), state after x or None).
 
         mask (B, L), 1 for real tokens and 0 for padding: padded positions feed nothing into the SSM.
@@ -50,11 +62,11 @@ class S4D(nn.Module):
         u = x.transpose(1, 2)
         if mask is not None:
             u = u * mask[:, None, :].to(u.dtype)
-        y, new_state = self.diag(u, state, return_state, skip=self.D)
-        return self.output_linear(F.gelu(y.transpose(1, 2))), new_state
+        y, diag = self.diag(u, state.diag if state is not None else None, return_state, skip=self.D)
+        return self.output_linear(F.gelu(y.transpose(1, 2))), (S4DState(diag) if return_state else None)
 
-    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
         """One token; x_t (B, D) -> (out (B, D), new state)."""
         check_token(x_t, self.d_model)
-        y, state = self.diag.step(x_t, state, skip=self.D)
-        return decode_linear(self.output_linear, F.gelu(y)), state
+        y, diag = self.diag.step(x_t, state.diag, skip=self.D)
+        return decode_linear(self.output_linear, F.gelu(y)), S4DState(diag)

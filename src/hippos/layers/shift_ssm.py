@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -13,11 +14,15 @@ from ._checks import check_state
 
 
 class ShiftSSM(nn.Module):
-    """Shift SSM over channel-first inputs u (..., H, L); parameters B, C (H, N) as in REFERENCE 1.
+    """Shift SSM over channel-first inputs u (..., H, L); parameters B, C (H, N) as in docs/math.md.
 
     State: the last N inputs of every channel, oldest first (the shift register of the equivalent
     realisation with B = e_1, C = kernel), shape (..., H, N), real.
     """
+
+    # The parameters of the SSM optimiser group: no weight decay, learning rate at most 1e-3 (docs/models.md).
+    # The training code finds them by walking the modules; C is an ordinary weight.
+    ssm_parameter_names: ClassVar[tuple[str, ...]] = ("B",)
 
     def __init__(self, channels: int, d_state: int = 64, device=None, dtype=None):
         super().__init__()
@@ -27,7 +32,6 @@ class ShiftSSM(nn.Module):
         self.channels, self.d_state = channels, d_state
         self.B = nn.Parameter(torch.zeros(channels, d_state, **factory))
         self.C = nn.Parameter(torch.empty(channels, d_state, **factory))
-        self.B._optim = {"weight_decay": 0.0, "lr_max": 1e-3}  # SSM parameter group (REFERENCE 2)
         self._kernel_cache = ParamCache()  # decode steps reuse the kernel
         self._flipped_cache = ParamCache()  # ... and its time-reversed copy
         self.reset_parameters()
@@ -56,16 +60,11 @@ class ShiftSSM(nn.Module):
         """y = K * u (+ skip * u); u (..., H, L) -> (y (..., H, L), state after u or None)."""
         if state is not None:
             check_state(state, (*u.shape[:-1], self.d_state), "shift SSM state")
-        y = short_conv(u, self.kernel(), skip, history=state)
-        if not return_state:
-            return y, None
-        past = state if state is not None else self.init_state(u.shape[:-2], u.device, u.dtype)
-        new_state = torch.cat([past, u.to(past.dtype)], dim=-1)[..., -self.d_state :]
-        return y, new_state
+        return short_conv(u, self.kernel(), skip, initial_state=state, output_final_state=return_state)
 
     def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One step; u_t (..., H), state (..., H, N) -> (y_t (..., H), new state)."""
         check_state(state, (*u_t.shape, self.d_state), "shift SSM state")
         k = self.kernel()
         flipped = self._flipped_cache.get((self.B, self.C), lambda: k.flip(-1))
-        return short_conv_step(u_t, state, k, skip, flipped)
+        return short_conv_step(u_t, state, k, skip, flipped=flipped)

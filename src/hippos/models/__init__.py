@@ -1,6 +1,7 @@
-"""Language models: the config, the LM, checkpoint I/O and the official-checkpoint converter."""
+"""Language models: the config (config.py), the LM and its state (lm.py), checkpoint I/O (checkpoint.py) and the
+official-checkpoint converter (official.py). Imports run one way: lm -> checkpoint -> official -> config."""
 
 from .config import PRESETS, H3Config
-from .lm import H3LM, LMOutput
+from .lm import H3LM, LMOutput, LMState
 
-__all__ = ["PRESETS", "H3Config", "H3LM", "LMOutput"]
+__all__ = ["PRESETS", "H3Config", "H3LM", "LMOutput", "LMState"]

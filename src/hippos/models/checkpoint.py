@@ -1,79 +1,103 @@
-"""Saving and loading H3LM: config.json + model.safetensors directories, official .pt files, Hub ids.
+"""Saving and loading models: config.json + model.safetensors directories, official .pt files, Hub ids.
 
-Files are written to a temporary name and renamed, so an interrupted save never leaves a half-written
-model behind. Loading lists every missing or unexpected key instead of failing on the first.
+Files are written to a temporary name and renamed (hippos.data.files.atomic_write), so an interrupted save
+never leaves a half-written model behind. Loading lists every missing, unexpected or mis-shaped key in one
+error (`check_keys`), for our own files and official ones alike (these in the file's own names).
+
+This module never imports the model class: `H3LM.from_pretrained` passes itself to `load_pretrained`, so imports
+run one way (lm.py -> checkpoint.py -> official.py -> config.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..data.files import atomic_write
 from .config import H3Config
-from .lm import H3LM
+from .official import EMBEDDING, TIED_KEY, convert_official_state_dict, official_name, read_checkpoint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TIED_KEY = "lm_head.weight"  # the same tensor as the word embedding: stored once
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or OWNER/NAME
+
+Model = TypeVar("Model", bound=nn.Module)
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path (same folder, so the rename is atomic)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_pretrained(model: H3LM, directory: str | Path) -> Path:
-    """Write config.json and model.safetensors (tied head stored once) into directory."""
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write model.config as config.json and the weights as model.safetensors (tied head stored once)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: model.config.save(tmp))
     return directory
 
 
-def load_state_dict_strict(model: H3LM, tensors: dict[str, Tensor], source: str) -> None:
-    """Load tensors into model; every missing, unexpected or mis-shaped key is named in one error."""
-    tensors = dict(tensors)
-    embedding = tensors.get("backbone.embeddings.word_embeddings.weight")
-    head = tensors.get(TIED_KEY)
-    if head is not None and embedding is not None and not torch.equal(head, embedding):
-        raise ValueError(f"{source}: lm_head.weight differs from the embedding, but hippos models tie the two")
-    tensors[TIED_KEY] = embedding
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if tensors.get(k) is None)
-    unexpected = sorted(k for k in tensors if k not in expected)
+def load_pretrained(cls: type[Model], source: str | Path, device=None, dtype=None, **convert_options) -> Model:
+    """cls(config) in eval mode, loaded from a save_pretrained directory, an official H3 .pt file or a Hub id.
+
+    convert_options (n_head, vocab_size; filename for a Hub repository holding several .pt files) go to the
+    official-checkpoint converter when one is used.
+    """
+    path = _local_path(source, convert_options)
+    if path.is_dir():
+        config, tensors = read_directory(path)
+        model = cls(config)
+        check_keys(_shapes(model), tensors, f"{path / WEIGHTS_NAME} does not fit this model:")
+    else:
+        config, tensors = read_official(path, **convert_options)
+        # A misfit official file is refused before any weight is initialised: shapes come from a model on the
+        # meta device. Not for our own directories, which save_pretrained wrote to fit: the first meta model in
+        # a process costs seconds (measured 5.6 s: PyTorch warms up its meta kernels), added to every load.
+        with torch.device("meta"):
+            expected = _shapes(cls(config))
+        check_keys(expected, tensors, f"{path}: {_misfit(config)}", official_name)
+        model = cls(config)
+    model.load_state_dict({**tensors, TIED_KEY: tensors[EMBEDDING]}, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """{key: shape} of the model's state dict, without the tied head (stored once, as the embedding)."""
+    return {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
+
+
+def check_keys(
+    expected: Mapping[str, torch.Size],
+    tensors: Mapping[str, Tensor],
+    header: str,
+    file_name: Callable[[str], str] | None = None,
+) -> None:
+    """Raise one ValueError listing every missing, unexpected and mis-shaped key, under `header`.
+
+    expected: {our key: shape} of the model; tensors: {our key: tensor} from the file. file_name turns one of
+    our keys into the file's own name for it (official checkpoints), so the message names what the user has.
+    """
+    name = file_name or (lambda key: key)
+    missing = sorted(name(k) for k in expected if k not in tensors)
+    unexpected = sorted(name(k) for k in tensors if k not in expected)
     wrong = sorted(
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tensors.get(k) is not None and tensors[k].shape != v.shape
+        f"{name(k)}: file {tuple(t.shape)} vs model {tuple(expected[k])}"
+        for k, t in tensors.items()
+        if k in expected and t.shape != expected[k]
     )
     if missing or unexpected or wrong:
-        parts = [f"{source} does not fit this model:"]
+        parts = [header]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
             if items:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise ValueError("\n".join(parts))
-    model.load_state_dict(tensors, strict=True)
 
 
-def load_directory(directory: str | Path, device=None, dtype=None) -> H3LM:
-    """Load a directory written by save_pretrained."""
+def read_directory(directory: str | Path) -> tuple[H3Config, dict[str, Tensor]]:
+    """(config, tensors) of a directory written by save_pretrained; the tied head is checked and left out."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -82,33 +106,46 @@ def load_directory(directory: str | Path, device=None, dtype=None) -> H3LM:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}; expected a directory written by save_pretrained")
     config = H3Config.load(directory / CONFIG_NAME)
+    weights = directory / WEIGHTS_NAME
     try:
-        tensors = load_file(directory / WEIGHTS_NAME)
+        tensors = load_file(weights)
     except SafetensorError as err:
-        raise ValueError(f"{directory / WEIGHTS_NAME} is damaged or truncated ({err}); save the model again") from err
-    model = H3LM(config)
-    load_state_dict_strict(model, tensors, str(directory / WEIGHTS_NAME))
-    return model.to(device=device, dtype=dtype).eval()
+        raise ValueError(f"{weights} is damaged or truncated ({err}); save the model again") from err
+    head, embedding = tensors.pop(TIED_KEY, None), tensors.get(EMBEDDING)
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        raise ValueError(f"{weights}: {TIED_KEY} differs from the embedding, but hippos models tie the two")
+    return config, tensors
 
 
-def from_pretrained(source: str | Path, device=None, dtype=None, **convert_options) -> H3LM:
-    """A model in eval mode from a save_pretrained directory, an official H3 .pt file, or a Hub id.
+def read_official(path: str | Path, n_head: int | None = None, *, vocab_size: int | None = None):
+    """(config, tensors under our names, tied head left out) of an official H3 .pt file; errors name the file."""
+    obj = read_checkpoint(path)
+    try:
+        config, tensors = convert_official_state_dict(obj, n_head, vocab_size=vocab_size)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    del tensors[TIED_KEY]  # the embedding again, as in read_directory
+    return config, tensors
 
-    convert_options (n_head, ...) go to the official-checkpoint converter when one is used.
-    """
+
+def _misfit(config: H3Config) -> str:
+    """The head of an official file's misfit message: the shapes its tensors decided."""
+    return (
+        f"the checkpoint does not fit the H3 model its shapes describe (d_model {config.d_model}, {config.n_layer} "
+        f"layers, attention layers {list(config.attn_layer_idx)}, d_state {config.d_state}, head_dim "
+        f"{config.head_dim}):"
+    )
+
+
+# ---- where the files are ----------------------------------------------------------------------------------
+def _local_path(source: str | Path, convert_options: dict) -> Path:
+    """A local directory or file for source; a Hub id is downloaded first (pops convert_options' filename)."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        return load_directory(path, device, dtype)
-    if path.is_file():
-        from .official import load_official
-
-        return load_official(path, **convert_options).to(device=device, dtype=dtype).eval()
+    if path.exists():
+        return path
     if not _could_be_hub_id(str(source)):
         raise FileNotFoundError(f"{source}: no such file or directory")
-    return _from_hub(str(source), device, dtype, **convert_options)
-
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or OWNER/NAME
+    return _download(str(source), convert_options.pop("filename", None))
 
 
 def _could_be_hub_id(source: str) -> bool:
@@ -116,10 +153,10 @@ def _could_be_hub_id(source: str) -> bool:
     return bool(HUB_ID.fullmatch(source)) and ".." not in source and Path(source).suffix not in (".pt", ".ckpt", ".bin")
 
 
-def _from_hub(repo_id: str, device, dtype, **convert_options) -> H3LM:
-    """Download a Hub repository (ours: config.json + model.safetensors; official: model*.pt) and load it."""
+def _download(repo_id: str, filename: str | None) -> Path:
+    """Fetch a Hub repository's model (ours: config.json + model.safetensors; official: one model*.pt) here."""
     try:
-        from huggingface_hub import list_repo_files, snapshot_download
+        from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
     except ImportError:
         raise ImportError(
             f"loading {repo_id!r} from the Hugging Face Hub needs huggingface_hub: pip install 'hungry-hippos[hf]'"
@@ -133,15 +170,11 @@ def _from_hub(repo_id: str, device, dtype, **convert_options) -> H3LM:
             "folder or .pt file"
         ) from err
     if CONFIG_NAME in files and WEIGHTS_NAME in files:
-        local = snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
-        return load_directory(local, device, dtype)
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     official = sorted(f for f in files if f.endswith(".pt"))
-    filename = convert_options.pop("filename", None) or (official[0] if len(official) == 1 else None)
+    if not official:
+        raise ValueError(f"{repo_id} holds neither {CONFIG_NAME} + {WEIGHTS_NAME} nor an official .pt checkpoint")
+    filename = filename or (official[0] if len(official) == 1 else None)
     if filename is None:
         raise ValueError(f"{repo_id} holds several checkpoints {official}; pass filename=... to choose one")
-    from huggingface_hub import hf_hub_download
-
-    from .official import load_official
-
-    local = hf_hub_download(repo_id, filename)
-    return load_official(local, **convert_options).to(device=device, dtype=dtype).eval()
+    return Path(hf_hub_download(repo_id, filename))

@@ -10,6 +10,12 @@ from typing import ClassVar
 from ..config import check_numbers
 
 MIXERS = ("h3", "attention", "s4d")
+CHOICES = {  # the string fields and the values each may take
+    "ssm_mixer": ("h3", "s4d"),
+    "ssm_init": ("lin", "inv"),
+    "discretization": ("bilinear", "zoh"),
+    "ssm_mode": ("auto", "fft", "chunked"),
+}
 MODEL_TYPE = "h3"  # config.json's model_type, under which transformers' Auto classes know these models
 
 
@@ -22,7 +28,7 @@ HF_CONFIG_KEYS = {
 
 @dataclass
 class H3Config:
-    """Shape and options of an H3 language model (REFERENCE section 2)."""
+    """Shape and options of an H3 language model (docs/models.md)."""
 
     d_model: int = 768  # width of the residual stream
     n_layer: int = 12  # number of blocks
@@ -51,25 +57,29 @@ class H3Config:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        """Refuse an ill-typed, out-of-range or inconsistent field, naming it: a config that exists is a valid one."""
         if isinstance(self.attn_layer_idx, list):  # JSON and TOML give lists
             self.attn_layer_idx = tuple(self.attn_layer_idx)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first ill-typed, out-of-range or inconsistent field."""
         check_numbers(self)
-        for name, value, choices in (
-            ("ssm_mixer", self.ssm_mixer, ("h3", "s4d")),
-            ("ssm_init", self.ssm_init, ("lin", "inv")),
-            ("discretization", self.discretization, ("bilinear", "zoh")),
-            ("ssm_mode", self.ssm_mode, ("auto", "fft", "chunked")),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        self._check_choices()
+        self._check_layers()
+        self._check_sizes()
+
+    def _check_choices(self) -> None:
+        """Each string field holds one of its CHOICES."""
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    def _check_layers(self) -> None:
+        """attn_layer_idx names distinct existing blocks."""
         bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
         if bad or len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
             raise ValueError(f"attn_layer_idx {list(self.attn_layer_idx)} must name distinct blocks 0 .. "
                              f"{self.n_layer - 1}")  # fmt: skip
+
+    def _check_sizes(self) -> None:
+        """Sizes that must divide, pair up or order with each other do."""
         if self.attn_layer_idx and self.d_model % self.n_head:
             raise ValueError(f"n_head {self.n_head} must divide d_model {self.d_model}")
         if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_head):
@@ -142,7 +152,7 @@ class H3Config:
 
 
 PRESETS = {
-    # The published models (REFERENCE section 2). Pure H3 / Transformer variants: change attn_layer_idx.
+    # The published models (docs/models.md). Pure H3 / Transformer variants: change attn_layer_idx.
     "H3-125M": H3Config(d_model=768, n_layer=12, n_head=12, attn_layer_idx=(6,)),
     "H3-355M": H3Config(d_model=1024, n_layer=24, n_head=16, attn_layer_idx=(8, 16)),
     "H3-1.3B": H3Config(d_model=2048, n_layer=24, n_head=16, attn_layer_idx=(8, 16)),

@@ -1,42 +1,44 @@
 """Hugging Face transformers interface: H3HFConfig, H3ForCausalLM and H3Cache (transformers >= 5).
 
-    model = AutoModelForCausalLM.from_pretrained(directory)   # after `import hippos`; a save_pretrained directory
+    import hippos.models.hf                                   # imports transformers, registers "h3" with it
+    model = AutoModelForCausalLM.from_pretrained(directory)   # a save_pretrained directory of either library
     out = model.generate(input_ids, max_new_tokens=20, do_sample=False)
+
+Importing this module registers H3HFConfig and H3ForCausalLM with transformers' AutoConfig and
+AutoModelForCausalLM (model_type "h3"): that import is what makes the Auto classes know H3 models. `import hippos`
+alone never imports transformers, and nothing of transformers is patched.
 
 H3ForCausalLM holds the `backbone` and `lm_head` of an H3LM, so its state-dict keys are H3LM's and directories
 written by either library's save_pretrained load in the other. The forward pass is H3LM's own.
 
-Generation: the cache is the recurrent state itself, one entry per block as H3LM returns it (a fixed-size H3State
-for H3 and S4D blocks, a KVCache for attention blocks), wrapped in an H3Cache. generate() runs the prompt in
-parallel (H3LM.forward with return_state=True, left padding through attention_mask) and then one token per step
-through H3LM.step. An H3Cache is a value: a forward pass returns a new one and never changes the one it was
-given, so a cache kept after a prompt can seed several continuations.
+Generation: the cache is the model's recurrent state itself, an LMState, wrapped in an H3Cache; it is used only
+through the state protocol (docs/state.md). generate() runs the prompt in parallel (H3LM.forward with
+return_state=True, left padding through attention_mask) and then one token per step through H3LM.step. An
+H3Cache is a value: a forward pass returns a new one and never changes the one it was given, so a cache kept
+after a prompt can seed several continuations.
 
 Logits cover the config's vocab_size ids, as transformers expects (generate() and beam search size their
 buffers by it): H3LM's embedding is padded to a multiple of 8, and the padding ids, which are no tokens, are
 left out (a view, no copy), so generate() never emits one.
-
-This module imports transformers; `hippos.models.hf_registration` registers it with the Auto classes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import H3, S4D, DiagonalSSM, H3State, ShiftSSM
-from ..layers.attention import KVCache, MultiHeadAttention
+from ..layers import H3, S4D, DiagonalSSM, MultiHeadAttention, ShiftSSM
 from ..ops.checks import values_known
 from .config import MODEL_TYPE, H3Config
-from .hf_registration import register
-from .lm import H3LM
+from .lm import H3LM, LMState
 
 try:  # transformers 5: dataclass configs, dict-style tied weights, transformers.initialization
-    from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
     from transformers import initialization as init
     from transformers.initialization import no_init_weights
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -50,36 +52,23 @@ except ImportError as err:
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-class H3HFConfig(PreTrainedConfig):
-    """transformers' view of an H3Config: the same fields with the same defaults, under model_type "h3"."""
+# H3Config's fields with their types and defaults, read from H3Config (not re-declared). transformers makes every
+# config class a dataclass, and a dataclass takes the fields of its dataclass bases: H3HFConfig inherits these.
+_H3_TYPES = typing.get_type_hints(H3Config)
+_H3Fields = dataclasses.make_dataclass(
+    "_H3Fields",
+    [(f.name, _H3_TYPES[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(H3Config)],
+)
+
+
+class H3HFConfig(PreTrainedConfig, _H3Fields):
+    """transformers' view of an H3Config: H3Config's fields with the same defaults, under model_type "h3"."""
 
     model_type = MODEL_TYPE
     attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
     # The LM head is always the word embedding (no field: an H3 model cannot be untied). transformers reads
     # this to tie the weights and to store the shared tensor once.
     tie_word_embeddings: ClassVar[bool] = True
-
-    # The fields of H3Config (see hippos.models.config for their meaning); a test checks that they match.
-    d_model: int = 768
-    n_layer: int = 12
-    vocab_size: int = 50257
-    pad_vocab_size_multiple: int = 8
-    attn_layer_idx: tuple[int, ...] = ()
-    ssm_mixer: str = "h3"
-    n_head: int = 12
-    rotary_dim: int = 0
-    d_inner: int = 0
-    d_state: int = 64
-    head_dim: int = 1
-    ssm_init: str = "lin"
-    discretization: str = "bilinear"
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    ssm_mode: str = "auto"
-    embed_dropout: float = 0.0
-    resid_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -100,14 +89,14 @@ class H3HFConfig(PreTrainedConfig):
 
 @dataclasses.dataclass
 class H3Cache:
-    """generate()'s cache: each block's mixer state as H3LM returns it, and how many positions it has seen.
+    """generate()'s cache: the model's LMState, and how many positions it has seen.
 
     Not a transformers Cache (whose layers hold growing key/value tensors): H3 and S4D states have a fixed size
     and cannot be rolled back, so generate() treats the model as stateful (no assisted decoding) and never
     compiles its decode step. Beam search picks rows with `select`, through H3ForCausalLM._reorder_cache.
     """
 
-    states: list  # one per block: H3State, KVCache, or the S4D state tensor
+    state: LMState  # every block's state
     seq_length: int  # positions seen, left padding included (what transformers counts)
     is_compileable: ClassVar[bool] = False
     is_croppable: ClassVar[bool] = False
@@ -117,31 +106,18 @@ class H3Cache:
         """False for every block: transformers (>= 5.24) then cuts a continued prompt to the tokens this cache has
         not seen, which is right here because the cache counts them (it leaves whole prompts to linear-attention
         caches that do not)."""
-        return [False] * len(self.states)
+        return [False] * len(self.state)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions seen so far (generate() slices the prompt of a continued generation with it)."""
         return self.seq_length
 
     def __len__(self) -> int:
-        return len(self.states)
+        return len(self.state)
 
     def select(self, rows: Tensor) -> H3Cache:
         """A cache of the batch rows `rows` (beam search); this one is left as it is."""
-        return H3Cache([_select_rows(state, rows) for state in self.states], self.seq_length)
-
-
-def _select_rows(state, idx: Tensor):
-    """Batch rows idx of one mixer state."""
-    if isinstance(state, Tensor):
-        return state.index_select(0, idx.to(state.device))
-    if isinstance(state, H3State):
-        return H3State(_select_rows(state.shift, idx), _select_rows(state.diag, idx))
-    if isinstance(state, KVCache):  # fresh buffers: nothing else has written to them
-        pad = None if state.pad is None else _select_rows(state.pad, idx)
-        k, v = _select_rows(state.k, idx), _select_rows(state.v, idx)
-        return dataclasses.replace(state, k=k, v=v, written=[state.length], pad=pad)
-    raise TypeError(f"cannot reorder a mixer state of type {type(state).__name__}")
+        return H3Cache(self.state.select(rows), self.seq_length)
 
 
 class H3ForCausalLM(PreTrainedModel, GenerationMixin):
@@ -164,7 +140,6 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
         # The H3LM whose forward and step run this model: it shares our modules but is not a submodule of
         # ours, so that the state dict keeps H3LM's key names (and has no second copy of them).
         self.__dict__["_hippos_model"] = lm
-        self.__dict__["_param_options"] = {n: p._optim for n, p in self.named_parameters() if hasattr(p, "_optim")}
         self.post_init()
 
     # ---- converting ----------------------------------------------------------------------------------------
@@ -190,17 +165,6 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _reorder_cache(self, cache: H3Cache, beam_idx: Tensor) -> H3Cache:
         return cache.select(beam_idx)  # beam search; caches stay values
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' from_pretrained; the loaded parameters get back hippos' optimiser options (`_optim`,
-        the SSM parameter group), which transformers drops when it puts the loaded tensors in place."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-        params = dict(model.named_parameters())
-        for name, options in model.__dict__["_param_options"].items():
-            params[name]._optim = options
-        return loaded
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings.word_embeddings
@@ -280,29 +244,32 @@ class H3ForCausalLM(PreTrainedModel, GenerationMixin):
         _refuse_unsupported(kwargs, past_key_values.seq_length if past_key_values is not None else 0, input_ids)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         use_cache = past_key_values is not None if use_cache is None else use_cache
-        lm = self.to_hippos()
-        state = past_key_values.states if past_key_values is not None else None
+        state = past_key_values.state if past_key_values is not None else None
         past = past_key_values.seq_length if past_key_values is not None else 0
         length = input_ids.shape[1]
         mask = self._mask_for_native(attention_mask, length, state is not None, use_cache)
 
-        loss = None
-        if state is not None and length == 1 and labels is None and not self.training:
-            logits, new_state = lm.step(input_ids[:, 0], state)  # the decode path
-            logits = logits[:, None]
-        else:
-            targets = None
-            if labels is not None:
-                targets = F.pad(labels[:, 1:].to(input_ids.device), (0, 1), value=-100)
-            out = lm(input_ids, labels=targets, attention_mask=mask, state=state, return_state=use_cache)
-            logits, new_state, loss = out.logits, out.state, out.loss
-            if loss is not None and num_items_in_batch is not None:
-                loss = loss * (targets != -100).sum() / num_items_in_batch
+        logits, new_state, loss = self._native(input_ids, labels, mask, state, use_cache, num_items_in_batch)
         logits = logits[..., : self.config.vocab_size]  # a view: the padding ids are no tokens
         cache = H3Cache(new_state, past + length) if use_cache else None
         if not return_dict:
             return tuple(x for x in (loss, logits, cache) if x is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+    def _native(self, input_ids, labels, mask, state, use_cache, num_items_in_batch) -> tuple:
+        """(logits (B, L, padded vocab), new LMState or None, loss or None) from H3LM: a step, or a parallel pass."""
+        lm = self.to_hippos()
+        if state is not None and input_ids.shape[1] == 1 and labels is None and not self.training:
+            logits, new_state = lm.step(input_ids[:, 0], state)  # the decode path
+            return logits[:, None], new_state, None
+        targets = None
+        if labels is not None:  # transformers' labels are the tokens themselves: H3LM's are shifted by one
+            targets = F.pad(labels[:, 1:].to(input_ids.device), (0, 1), value=-100)
+        out = lm(input_ids, labels=targets, attention_mask=mask, state=state, return_state=use_cache)
+        loss = out.loss
+        if loss is not None and num_items_in_batch is not None:
+            loss = loss * (targets != -100).sum() / num_items_in_batch
+        return out.logits, out.state, loss
 
     @staticmethod
     def _mask_for_native(mask: Tensor | None, length: int, has_state: bool, use_cache: bool) -> Tensor | None:
@@ -372,4 +339,6 @@ def _copy_parameters(module: nn.Module, fresh: nn.Module) -> None:
         init.copy_(param, value)
 
 
-register()  # with the Auto classes, however this module came to be imported first
+# The Auto classes learn the "h3" models when this module is imported (exist_ok: importing it again is harmless).
+AutoConfig.register(MODEL_TYPE, H3HFConfig, exist_ok=True)
+AutoModelForCausalLM.register(H3HFConfig, H3ForCausalLM, exist_ok=True)

@@ -1,4 +1,4 @@
-"""H3LM: embedding, pre-norm blocks (any mixer per block), final norm, tied LM head (REFERENCE section 2).
+"""H3LM: embedding, pre-norm blocks (any mixer per block), final norm, tied LM head (docs/models.md).
 
 Module names follow the official checkpoints (backbone.embeddings.word_embeddings, backbone.layers.{i}.mixer,
 .norm1, .norm2, .mlp.fc1, .mlp.fc2, backbone.ln_f, lm_head), so only the H3 SSM internals need a key map.
@@ -7,6 +7,7 @@ Module names follow the official checkpoints (backbone.embeddings.word_embedding
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import H3, S4D, MultiHeadAttention
+from ..layers import H3, S4D, MixerState, MultiHeadAttention, state_type
 from ..layers.decode_linear import decode_linear
 from ..ops import compute_dtype, linear_cross_entropy
 from ..ops.checks import check_ids_in_range, values_known
+from .checkpoint import load_pretrained, save_pretrained
 from .config import H3Config
 
 
@@ -27,12 +29,71 @@ def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @dataclass
+class LMState:
+    """Every block's mixer state in block order, with the mixer states' own protocol (docs/state.md).
+
+    Nothing here looks at a layer's state type: each operation is the layers' own, applied layer by layer.
+    """
+
+    layers: list[MixerState]  # one per block
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> MixerState:
+        return self.layers[layer]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows (sequences)."""
+        return self.layers[0].batch_size
+
+    def select(self, rows: Tensor | Sequence[int]) -> LMState:
+        """A state of the given rows (any order, repeats allowed): rows leave a batch, beams are reordered."""
+        return LMState([s.select(rows) for s in self.layers])
+
+    @classmethod
+    def concat(cls, states: Sequence[LMState]) -> LMState:
+        """One state holding the rows of every state in turn (rows may be at different positions)."""
+        if not states or len({len(s) for s in states}) != 1:
+            raise ValueError(f"concat needs states of one model, got {[len(s) for s in states]} layers")
+        return cls([type(parts[0]).concat(parts) for parts in zip(*(s.layers for s in states), strict=True)])
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> LMState:
+        """This state on `device`, for activations of `dtype` (SSM states keep their compute precision)."""
+        return LMState([s.to(device, dtype) for s in self.layers])
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Named real tensors, "<layer>.<name>" (e.g. "3.shift"); `type_names` says how to read them back."""
+        return {f"{i}.{name}": t for i, s in enumerate(self.layers) for name, t in s.to_tensors().items()}
+
+    def type_names(self) -> list[str]:
+        """The state class of every layer by its registered name (layers/state.py)."""
+        return [type(s).__name__ for s in self.layers]
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], types: Sequence[type[MixerState] | str]) -> LMState:
+        """The state `to_tensors` described; types: each layer's state class, or its name (`type_names`)."""
+        grouped: list[dict[str, Tensor]] = [{} for _ in types]
+        for key, tensor in tensors.items():
+            layer, _, name = key.partition(".")
+            if not layer.isdigit() or int(layer) >= len(types) or not name:
+                raise ValueError(f"state tensor {key!r} names no layer 0 .. {len(types) - 1}")
+            grouped[int(layer)][name] = tensor
+        classes = [state_type(t) if isinstance(t, str) else t for t in types]
+        return cls([c.from_tensors(named) for c, named in zip(classes, grouped, strict=True)])
+
+
+@dataclass
 class LMOutput:
     """What `H3LM.forward` returns."""
 
     logits: Tensor  # (B, L, padded vocab)
     loss: Tensor | None = None  # mean cross-entropy over labels != -100, when labels were given
-    state: list | None = None  # one state per block after the sequence, when asked for
+    state: LMState | None = None  # every block's state after the sequence, when asked for
 
 
 class MLP(nn.Module):
@@ -113,7 +174,6 @@ class H3LM(nn.Module):
 
     def __init__(self, config: H3Config):
         super().__init__()
-        config.validate()
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
@@ -122,8 +182,8 @@ class H3LM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """REFERENCE 2: Linear and Embedding weights N(0, 0.02), biases 0; attention out_proj and MLP fc2
-        weights N(0, 0.02 / sqrt(2 n_layer)). SSM parameters keep their own initialisation."""
+        """Linear and Embedding weights N(0, 0.02), biases 0; attention out_proj and MLP fc2 weights
+        N(0, 0.02 / sqrt(2 n_layer)); SSM parameters keep their own initialisation (docs/models.md)."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -142,17 +202,17 @@ class H3LM(nn.Module):
         check_ids_in_range(input_ids, self.config.vocab_size, "token ids")
 
     # ---- state contract ----------------------------------------------------------------------------------
-    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
-        """Every block's empty state."""
+    def init_state(self, batch_size: int, device=None, dtype=None) -> LMState:
+        """Every block's empty state for a batch of batch_size rows."""
         device = device or self.lm_head.weight.device
-        return [block.mixer.init_state(batch_size, device, dtype) for block in self.backbone.layers]
+        return LMState([block.mixer.init_state(batch_size, device, dtype) for block in self.backbone.layers])
 
     def forward(
         self,
         input_ids: Tensor,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        state: list | None = None,
+        state: LMState | None = None,
         return_state: bool = False,
     ) -> LMOutput:
         """input_ids (B, L) -> LMOutput(logits (B, L, padded vocab), loss, state).
@@ -172,10 +232,10 @@ class H3LM(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
-        state: list | None = None,
+        state: LMState | None = None,
         return_state: bool = False,
-    ) -> tuple[Tensor, list]:
-        """input_ids (B, L) -> (final-norm output (B, L, D) that the LM head reads, every block's state)."""
+    ) -> tuple[Tensor, LMState | None]:
+        """input_ids (B, L) -> (final-norm output (B, L, D) that the LM head reads, every block's state or None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, length >= 1), got shape {tuple(input_ids.shape)}")
         self._check_ids(input_ids)
@@ -191,7 +251,7 @@ class H3LM(nn.Module):
             else:
                 x, s = block(x, state[i] if state is not None else None, return_state, mask=attention_mask)
             new_state.append(s)
-        return self.backbone.ln_f(x), new_state
+        return self.backbone.ln_f(x), (LMState(new_state) if return_state else None)
 
     def logits_at(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """input_ids (B, L), positions (B, L) bool -> logits (N, padded vocab) at the N true positions.
@@ -221,7 +281,7 @@ class H3LM(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
 
-    def step(self, input_ids: Tensor, state: list) -> tuple[Tensor, list]:
+    def step(self, input_ids: Tensor, state: LMState) -> tuple[Tensor, LMState]:
         """One token per sequence; input_ids (B,) -> (logits (B, padded vocab), new state)."""
         if input_ids.dim() != 1:
             raise ValueError(f"step takes one token per sequence, shape (batch,), got {tuple(input_ids.shape)}")
@@ -231,26 +291,16 @@ class H3LM(nn.Module):
         for block, s in zip(self.backbone.layers, state):
             x, s = block.step(x, s)
             new_state.append(s)
-        return decode_linear(self.lm_head, self.backbone.ln_f(x)), new_state
-
-    def generate(self, input_ids: Tensor, max_new_tokens: int, **options):
-        """Prompt (B, L) -> (B, L + new) token ids; see `hippos.generation.generate` for the options."""
-        from ..generation import generate
-
-        return generate(self, input_ids, max_new_tokens, **options)
+        return decode_linear(self.lm_head, self.backbone.ln_f(x)), LMState(new_state)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors into directory (atomically)."""
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, source, device=None, dtype=None, **convert_options) -> H3LM:
         """Load from a save_pretrained directory, an official H3 .pt file or a Hub id; eval mode."""
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(source, device, dtype, **convert_options)
+        return load_pretrained(cls, source, device, dtype, **convert_options)
 
     def num_parameters(self) -> int:
         """Parameter count with the tied head counted once."""

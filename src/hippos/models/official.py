@@ -1,7 +1,11 @@
-"""The official H3 checkpoints (model.pt files, REFERENCE 3) -> H3LM.
+"""The official H3 checkpoints (model.pt files, docs/checkpoints.md) -> (H3Config, our state dict).
+
+This module reads and converts; it never builds a model, so the models package imports one way
+(checkpoint.py -> official.py -> config.py). `hippos.models.checkpoint.load_pretrained` builds the model and
+checks that the converted tensors fit it, naming every misfit key by its name in the file (`official_name`).
 
 Our module names are the official ones, except inside the H3 mixer, whose SSM parameters
-`H3.convert_official_state_dict` renames per layer. Everything else is read off the tensors:
+`convert_h3_mixer` renames per layer (OFFICIAL_H3_NAMES). Everything else is read off the tensors:
 
 - d_model, padded vocabulary: the word embedding (rows, D).
 - n_layer: the highest backbone.layers.{i} index + 1; attention layers: those with mixer.Wqkv.
@@ -17,7 +21,7 @@ Our module names are the official ones, except inside the H3 mixer, whose SSM pa
   1024: 16, 2048: 16, 2560: 20); another d_model with attention layers needs n_head=... . Without attention
   layers it does not matter and is set to 1.
 
-Layouts accepted (REFERENCE 3): a plain state dict; a PyTorch Lightning checkpoint (every weight under
+Layouts accepted (docs/checkpoints.md): a plain state dict; a PyTorch Lightning checkpoint (every weight under
 "state_dict" with a "model." prefix); older key names ("s4seq.encoder." for "backbone.", "embedding." for
 "backbone.embeddings.word_embeddings."), and an extra LayerNorm "backbone.norm" right after the embedding.
 
@@ -32,8 +36,8 @@ every LayerNorm moved one slot later:
 The old last norm2 is the old model's final norm, so an ln_f stored beside it has no place in that forward
 pass; it is dropped with a warning (the official loader overwrote it the same way).
 
-Nothing else is dropped silently: the tied lm_head must equal the embedding, and every key that does not
-fit is listed in one ValueError, together with every missing one.
+Nothing else is dropped silently: the tied lm_head must equal the embedding, and (at load time) every key
+that does not fit is listed in one ValueError, together with every missing one.
 """
 
 from __future__ import annotations
@@ -48,10 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..layers.h3 import H3, OFFICIAL_H3_NAMES
-from .checkpoint import TIED_KEY, load_state_dict_strict
 from .config import H3Config
-from .lm import H3LM
 
 PUBLISHED_N_HEAD = {768: 12, 1024: 16, 2048: 16, 2560: 20}  # d_model -> heads of the published models
 GPT2_VOCAB, GPT2_PADDED = 50257, 50264
@@ -59,38 +60,36 @@ LIGHTNING_TAG = "pytorch-lightning_version"
 LIGHTNING_PREFIX = "model."
 OLD_PREFIXES = (("s4seq.encoder.", "backbone."), ("embedding.", "backbone.embeddings.word_embeddings."))
 EMBEDDING = "backbone.embeddings.word_embeddings.weight"
+TIED_KEY = "lm_head.weight"  # the same tensor as the word embedding in every H3 language model
 EXTRA_NORM = "backbone.norm"  # old layout: LayerNorm right after the embedding
 FINAL_NORM = "backbone.ln_f"
 ROTARY_BASE = 10000.0
 _LAYER_KEY = re.compile(r"backbone\.layers\.(\d+)\.(.+)")
+
+# One H3 mixer's official parameter names -> ours (layers/h3.py). Only the SSM internals differ; the official
+# C tensors carry a leading output-channel axis of 1, which our layers do not have.
+OFFICIAL_H3_NAMES = {
+    "ssm_k_kernel.kernel.B": "shift.B",
+    "ssm_k_kernel.kernel.C": "shift.C",
+    "kernel.kernel.log_dt": "diag.log_dt",
+    "kernel.kernel.inv_A_real": "diag.inv_A_real",
+    "kernel.kernel.A_imag": "diag.A_imag",
+    "kernel.kernel.B": "diag.B",
+    "kernel.kernel.C": "diag.C",
+}
+_OFFICIAL_SQUEEZED = {"ssm_k_kernel.kernel.C", "kernel.kernel.C"}
 _OURS_TO_OFFICIAL = {ours: official for official, ours in OFFICIAL_H3_NAMES.items()}
 
 
 # ---- public entry points ---------------------------------------------------------------------------------
-def load_official(path: str | Path, n_head: int | None = None, *, vocab_size: int | None = None) -> H3LM:
-    """Read an official H3 checkpoint file (safely: weights_only) and return the H3LM it describes, in eval mode.
-
-    n_head: attention heads (needed only when d_model is not one of the published models').
-    vocab_size: the real vocabulary, when it is not the one inferred from the embedding (module docstring).
-    """
-    path = Path(path)
-    obj = read_checkpoint(path)
-    try:
-        config, tensors = convert_official_state_dict(obj, n_head, vocab_size=vocab_size)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-    model = H3LM(config)
-    load_state_dict_strict(model, tensors, str(path))
-    return model.eval()
-
-
 def convert_official_state_dict(
     official: Mapping[str, Tensor], n_head: int | None = None, *, vocab_size: int | None = None
 ) -> tuple[H3Config, dict[str, Tensor]]:
-    """Official tensors -> (the H3Config they describe, a state dict H3LM(config) loads with strict=True).
+    """Official {name: tensor} -> (the H3Config they describe, the same tensors under our names, tied head included).
 
-    Accepts any layout of REFERENCE 3 (a Lightning checkpoint is unwrapped here too). Raises ValueError
-    naming every problem key at once: missing, unexpected, or of the wrong shape.
+    Accepts every layout of docs/checkpoints.md (a Lightning checkpoint is unwrapped here too); raises ValueError
+    for what cannot be read or does not hold together. Whether every tensor fits H3LM(config) is checked where
+    the model is built (checkpoint.load_pretrained), in the file's names (official_name).
     """
     tensors = _rename_old_keys(unwrap_official(official))
     layers = _layer_indices(tensors)
@@ -101,9 +100,8 @@ def convert_official_state_dict(
     attn = tuple(sorted(i for i in layers if f"backbone.layers.{i}.mixer.Wqkv.weight" in tensors))
     rotary_dim = _take_rotary(tensors, attn)
     config = _infer_config(tensors, n_layer, attn, rotary_dim, n_head, vocab_size)
-    converted, origin = _rename_mixers(tensors, config)
-    _check_fits(converted, origin, config)
-    converted[TIED_KEY] = converted[EMBEDDING]
+    converted = _rename_mixers(tensors, config)
+    converted[TIED_KEY] = converted[EMBEDDING]  # _infer_config has checked that the embedding is there
     return config, converted
 
 
@@ -265,65 +263,79 @@ def _infer_config(
     n_head: int | None,
     vocab_size: int | None,
 ) -> H3Config:
-    embedding = tensors.get(EMBEDDING)
-    if embedding is None or embedding.dim() != 2:
-        found = "missing" if embedding is None else f"shape {tuple(embedding.shape)}"
-        raise ValueError(f"the word embedding {EMBEDDING} must be (vocabulary, d_model); it is {found}")
-    rows, d_model = embedding.shape
+    """The H3Config that the tensors' shapes describe (rules in the module docstring)."""
+    rows, d_model = _embedding_shape(tensors)
     vocab_size, pad_multiple = _vocabulary(rows, vocab_size)
-
-    def first(suffix: str, layers) -> Tensor | None:
-        return next((tensors[k] for i in layers if (k := f"backbone.layers.{i}.{suffix}") in tensors), None)
-
-    fc1 = first("mlp.fc1.weight", range(n_layer))
+    fc1 = _first(tensors, "mlp.fc1.weight", range(n_layer))
     d_inner = 0 if fc1 is None or fc1.shape[0] == 4 * d_model else int(fc1.shape[0])
-
-    ssm_layers = [i for i in range(n_layer) if i not in attn]
-    d_state, head_dim = 64, 1
-    shift_B = first("mixer.ssm_k_kernel.kernel.B", ssm_layers)
-    if shift_B is not None:
-        if shift_B.dim() != 2:
-            raise ValueError(f"shift SSM B must be (d_model, d_state), got shape {tuple(shift_B.shape)}")
-        d_state = int(shift_B.shape[1])
-    modes = first("mixer.kernel.kernel.inv_A_real", ssm_layers)
-    if modes is not None:
-        if modes.dim() != 2:
-            raise ValueError(f"diagonal SSM inv_A_real must be (channels, modes), got shape {tuple(modes.shape)}")
-        if shift_B is None:
-            d_state = 2 * int(modes.shape[1])
-        elif 2 * modes.shape[1] != d_state:
-            raise ValueError(
-                f"the diagonal SSM has {modes.shape[1]} modes but the shift SSM has d_state {d_state}; H3LM needs "
-                "modes = d_state / 2"
-            )
-        channels = int(modes.shape[0])
-        if channels < 1 or d_model % channels:
-            raise ValueError(f"the diagonal SSM has {channels} channels, which does not divide d_model {d_model}")
-        head_dim = d_model // channels
-
-    if n_head is None:
-        if d_model in PUBLISHED_N_HEAD:
-            n_head = PUBLISHED_N_HEAD[d_model]
-        elif attn:
-            raise ValueError(
-                f"d_model {d_model} is not one of the published H3 models {sorted(PUBLISHED_N_HEAD)} and the number "
-                f"of attention heads cannot be read from the tensors: pass n_head=... (attention layers {list(attn)})"
-            )
-        else:
-            n_head = 1  # no attention layer: any divisor of d_model will do
+    d_state, head_dim = _ssm_sizes(tensors, [i for i in range(n_layer) if i not in attn], d_model)
     return H3Config(
-        d_model=int(d_model),
+        d_model=d_model,
         n_layer=n_layer,
         vocab_size=vocab_size,
         pad_vocab_size_multiple=pad_multiple,
         attn_layer_idx=attn,
         ssm_mixer="h3",
-        n_head=int(n_head),
+        n_head=_heads(d_model, attn, n_head),
         rotary_dim=rotary_dim,
         d_inner=d_inner,
         d_state=d_state,
         head_dim=head_dim,
     )
+
+
+def _first(tensors: Mapping[str, Tensor], suffix: str, layers) -> Tensor | None:
+    """The first of `layers` that holds backbone.layers.{i}.{suffix}: its tensor, or None."""
+    return next((tensors[k] for i in layers if (k := f"backbone.layers.{i}.{suffix}") in tensors), None)
+
+
+def _embedding_shape(tensors: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(rows, d_model) of the word embedding, which must be there and 2-D."""
+    embedding = tensors.get(EMBEDDING)
+    if embedding is None or embedding.dim() != 2:
+        found = "missing" if embedding is None else f"shape {tuple(embedding.shape)}"
+        raise ValueError(f"the word embedding {EMBEDDING} must be (vocabulary, d_model); it is {found}")
+    return int(embedding.shape[0]), int(embedding.shape[1])
+
+
+def _ssm_sizes(tensors: Mapping[str, Tensor], ssm_layers: list[int], d_model: int) -> tuple[int, int]:
+    """(d_state, head_dim) from the shift SSM's B (D, N) and the diagonal SSM's inv_A_real (H, N / 2)."""
+    d_state, head_dim = 64, 1  # H3Config's defaults, for a model without H3 layers
+    shift_B = _first(tensors, "mixer.ssm_k_kernel.kernel.B", ssm_layers)
+    if shift_B is not None:
+        if shift_B.dim() != 2:
+            raise ValueError(f"shift SSM B must be (d_model, d_state), got shape {tuple(shift_B.shape)}")
+        d_state = int(shift_B.shape[1])
+    modes = _first(tensors, "mixer.kernel.kernel.inv_A_real", ssm_layers)
+    if modes is None:
+        return d_state, head_dim
+    if modes.dim() != 2:
+        raise ValueError(f"diagonal SSM inv_A_real must be (channels, modes), got shape {tuple(modes.shape)}")
+    if shift_B is None:
+        d_state = 2 * int(modes.shape[1])
+    elif 2 * modes.shape[1] != d_state:
+        raise ValueError(
+            f"the diagonal SSM has {modes.shape[1]} modes but the shift SSM has d_state {d_state}; H3LM needs "
+            "modes = d_state / 2"
+        )
+    channels = int(modes.shape[0])
+    if channels < 1 or d_model % channels:
+        raise ValueError(f"the diagonal SSM has {channels} channels, which does not divide d_model {d_model}")
+    return d_state, d_model // channels
+
+
+def _heads(d_model: int, attn: tuple[int, ...], n_head: int | None) -> int:
+    """Attention heads: as given, else the published models' for this d_model (the shapes do not hold it)."""
+    if n_head is not None:
+        return int(n_head)
+    if d_model in PUBLISHED_N_HEAD:
+        return PUBLISHED_N_HEAD[d_model]
+    if attn:
+        raise ValueError(
+            f"d_model {d_model} is not one of the published H3 models {sorted(PUBLISHED_N_HEAD)} and the number "
+            f"of attention heads cannot be read from the tensors: pass n_head=... (attention layers {list(attn)})"
+        )
+    return 1  # no attention layer: any divisor of d_model will do
 
 
 def _vocabulary(rows: int, vocab_size: int | None) -> tuple[int, int]:
@@ -341,10 +353,31 @@ def _vocabulary(rows: int, vocab_size: int | None) -> tuple[int, int]:
 
 
 # ---- names -----------------------------------------------------------------------------------------------
-def _rename_mixers(tensors: dict[str, Tensor], config: H3Config) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Our names for every H3 mixer's tensors; also {our key: the file's key} for renamed ones."""
+def convert_h3_mixer(official: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One official H3 mixer's tensors (names relative to the mixer) -> layers.H3's names and shapes."""
+    converted = {}
+    for name, tensor in official.items():
+        if name in _OFFICIAL_SQUEEZED:
+            if tensor.shape[0] != 1:
+                raise ValueError(f"{name}: expected one output channel (leading axis 1), got {tuple(tensor.shape)}")
+            tensor = tensor[0]
+        converted[OFFICIAL_H3_NAMES.get(name, name)] = tensor
+    return converted
+
+
+def official_name(key: str) -> str:
+    """The official file's name for one of our state-dict keys (H3 SSM internals renamed back; the rest agree)."""
+    m = _LAYER_KEY.fullmatch(key)
+    if m and m.group(2).startswith("mixer."):
+        name = m.group(2)[len("mixer.") :]
+        if name in _OURS_TO_OFFICIAL:
+            return f"backbone.layers.{m.group(1)}.mixer.{_OURS_TO_OFFICIAL[name]}"
+    return key
+
+
+def _rename_mixers(tensors: dict[str, Tensor], config: H3Config) -> dict[str, Tensor]:
+    """Our names for every H3 mixer's tensors; every other key is already ours."""
     converted: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
     per_layer: dict[int, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         m = _LAYER_KEY.fullmatch(key)
@@ -355,45 +388,8 @@ def _rename_mixers(tensors: dict[str, Tensor], config: H3Config) -> tuple[dict[s
     for layer, mixer in per_layer.items():
         prefix = f"backbone.layers.{layer}.mixer."
         try:
-            ours = H3.convert_official_state_dict(mixer)
+            ours = convert_h3_mixer(mixer)
         except ValueError as err:
             raise ValueError(f"{prefix}{err}") from err
-        for name, tensor in ours.items():
-            converted[prefix + name] = tensor
-            official = _OURS_TO_OFFICIAL.get(name)
-            if official is not None:
-                origin[prefix + name] = prefix + official
-    return converted, origin
-
-
-def _official_name(key: str) -> str:
-    """The file's name of one of our keys (H3 SSM internals renamed back; the rest are the same)."""
-    m = _LAYER_KEY.fullmatch(key)
-    if m and m.group(2).startswith("mixer."):
-        name = m.group(2)[len("mixer.") :]
-        if name in _OURS_TO_OFFICIAL:
-            return f"backbone.layers.{m.group(1)}.mixer.{_OURS_TO_OFFICIAL[name]}"
-    return key
-
-
-def _check_fits(converted: Mapping[str, Tensor], origin: Mapping[str, str], config: H3Config) -> None:
-    """Raise one ValueError naming every missing, unexpected and mis-shaped key (in the file's names)."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = {k: tuple(v.shape) for k, v in H3LM(config).state_dict().items() if k != TIED_KEY}
-    missing = sorted(_official_name(k) for k in expected if k not in converted)
-    unexpected = sorted(origin.get(k, k) for k in converted if k not in expected)
-    wrong = sorted(
-        f"{origin.get(k, k)}: file {tuple(t.shape)} vs model {expected[k]}"
-        for k, t in converted.items()
-        if k in expected and tuple(t.shape) != expected[k]
-    )
-    if missing or unexpected or wrong:
-        summary = (
-            f"d_model {config.d_model}, {config.n_layer} layers, attention layers {list(config.attn_layer_idx)}, "
-            f"d_state {config.d_state}, head_dim {config.head_dim}"
-        )
-        parts = [f"the checkpoint does not fit the H3 model its shapes describe ({summary}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-            if items:
-                parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise ValueError("\n".join(parts))
+        converted.update((prefix + name, tensor) for name, tensor in ours.items())
+    return converted

@@ -10,7 +10,9 @@ Three implementations of the same map, tested against each other:
   enough to stay in cache, with a hand-written backward that recomputes the transforms instead of storing
   them. The default long convolution.
 - `short_conv`: block-Toeplitz matmuls for short filters (the shift SSM's 64 taps), which need no FFT of
-  the whole sequence, and can start from the inputs that came before (`history`).
+  the whole sequence. It is also the shift SSM itself, so it follows the SSM contract of `hippos.ops`: it can
+  start from a window of the inputs that came before and return the window after the sequence
+  (`short_conv_ref` and the steps `short_conv_step` / `short_conv_step_ref` beside it).
 `causal_conv` picks between the last two by sequence length.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import values_known
@@ -31,7 +34,9 @@ __all__ = [
     "fft_conv",
     "next_fast_len",
     "short_conv",
+    "short_conv_ref",
     "short_conv_step",
+    "short_conv_step_ref",
 ]
 
 
@@ -182,7 +187,7 @@ def causal_conv(u: Tensor, k: Tensor, D: Tensor | None = None) -> Tensor:
     `fft_conv`.
     """
     if u.shape[-1] <= TOEPLITZ_MAX_LEN:
-        return short_conv(u, k, D)
+        return short_conv(u, k, D)[0]
     return fft_conv(u, k, D)
 
 
@@ -224,18 +229,68 @@ def _short_filter_blocks(k: Tensor, T: int) -> tuple[Tensor, Tensor]:
     return stacked[:, :T], stacked[:, T:]
 
 
-def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | None = None) -> Tensor:
-    """Causal convolution with a short filter (Lk <= 64 taps by default); u (..., H, L), k (H, Lk).
+# ---- short_conv: the shift SSM as a convolution, with its state (the last W inputs) ---------------------------
 
-    `history` (..., H, W) holds the inputs just before u, oldest first (a shift SSM's state); without it
-    the sequence starts from zeros. Work O(L * max(Lk, 64)) as two batched matmuls per block of 64 steps
-    with block-Toeplitz matrices, no FFT. (Measured 1.4-2x faster forward + backward than a depthwise
-    conv1d, whose backward also slows down 6x or more for some gradient layouts.)
+
+def _check_window(u: Tensor, initial_state: Tensor | None) -> None:
+    if initial_state is not None and initial_state.shape[:-1] != u.shape[:-1]:
+        raise ValueError(f"initial_state must be {(*u.shape[:-1], 'W')}, got {tuple(initial_state.shape)}")
+
+
+def _window_dtype(u: Tensor, initial_state: Tensor | None) -> torch.dtype:
+    """A window keeps the dtype it was given; a new one is in the compute dtype (SSM states in fp32)."""
+    return compute_dtype(u.dtype) if initial_state is None else initial_state.dtype
+
+
+def _last_inputs(u: Tensor, initial_state: Tensor | None, W: int) -> Tensor:
+    """The window after u: its last W inputs (..., H, W), oldest first, the given window's tail in front if L < W."""
+    dtype, L = _window_dtype(u, initial_state), u.shape[-1]
+    if L >= W:
+        # Always a copy, never a view of u: a state kept for decoding must not hold on to the whole sequence.
+        return u[..., L - W :].to(dtype, copy=True, memory_format=torch.contiguous_format)
+    if initial_state is None:
+        return F.pad(u.to(dtype), (W - L, 0))
+    return torch.cat([initial_state[..., L:], u.to(dtype)], dim=-1)
+
+
+def short_conv_ref(
+    u: Tensor, k: Tensor, D: Tensor | None = None, initial_state: Tensor | None = None, output_final_state: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Reference `short_conv`: the direct convolution of [window, u], read after the window; same signature."""
+    _check_conv_args(u, k, D)
+    _check_window(u, initial_state)
+    dtype = _window_dtype(u, initial_state)
+    past = initial_state if initial_state is not None else u.new_zeros(*u.shape[:-1], k.shape[-1], dtype=dtype)
+    W = past.shape[-1]
+    y = causal_conv_ref(torch.cat([past.to(u.dtype), u], dim=-1), k, D)[..., W:]
+    final = torch.cat([past, u.to(dtype)], dim=-1)[..., -W:] if output_final_state else None
+    return y, final
+
+
+def short_conv(
+    u: Tensor, k: Tensor, D: Tensor | None = None, initial_state: Tensor | None = None, output_final_state: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Causal convolution with a short filter (Lk <= 64 taps by default); u (..., H, L), k (H, Lk) -> (y, window).
+
+    The state is a window (..., H, W) of the inputs just before u, oldest first: the shift SSM's shift register
+    (docs/math.md, "The shift SSM"). `initial_state` starts from one (zeros when None, W = Lk then); the final
+    state is the window after u, of the same width W, in the window's dtype (the compute dtype for a new one).
+    Work O(L * max(Lk, 64)) as two batched matmuls per block of 64 steps with block-Toeplitz matrices, no FFT.
+    (Measured 1.4-2x faster forward + backward than a depthwise conv1d, whose backward also slows down 6x or
+    more for some gradient layouts.)
     """
     _check_conv_args(u, k, D)
+    _check_window(u, initial_state)
+    y = _short_conv_output(u, k, D, initial_state)
+    if not output_final_state:
+        return y, None
+    W = k.shape[-1] if initial_state is None else initial_state.shape[-1]
+    return y, _last_inputs(u, initial_state, W)
+
+
+def _short_conv_output(u: Tensor, k: Tensor, D: Tensor | None, history: Tensor | None) -> Tensor:
+    """The outputs of `short_conv` (arguments checked there)."""
     *lead, H, L = u.shape
-    if history is not None and history.shape[:-1] != u.shape[:-1]:
-        raise ValueError(f"history must be {(*u.shape[:-1], 'W')}, got {tuple(history.shape)}")
     if history is None and k.shape[-1] > L:
         k = k[..., :L]  # from zeros, taps beyond the sequence never touch it (short synthetic sequences)
     Lk = k.shape[-1]
@@ -260,18 +315,31 @@ def short_conv(u: Tensor, k: Tensor, D: Tensor | None = None, history: Tensor | 
     return from_chunks(y, uc, D, lead).to(u.dtype)
 
 
-def short_conv_step(
-    u_t: Tensor, window: Tensor, k: Tensor, D: Tensor | None = None, flipped: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """One step of `short_conv`; u_t (..., H), window (..., H, W >= Lk) of past inputs, oldest first.
+def short_conv_step_ref(u_t: Tensor, state: Tensor, k: Tensor, D: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference `short_conv_step`: shift u_t into the window, y_t = sum_i k[i] u_(t-i) (+ D u_t); same signature."""
+    W, Lk = state.shape[-1], k.shape[-1]
+    if Lk > W:
+        raise ValueError(f"a window of {W} inputs cannot feed a filter of {Lk} taps (need W >= Lk)")
+    state = torch.cat([state[..., 1:], u_t[..., None].to(state.dtype)], dim=-1)
+    y = sum(k[:, i].to(state.dtype) * state[..., W - 1 - i] for i in range(Lk))  # tap i reads the input i steps back
+    if D is not None:
+        y = y + D.to(state.dtype) * u_t.to(state.dtype)
+    return y.to(u_t.dtype), state
 
-    Returns (y_t (..., H), new window with u_t appended and the oldest input dropped). `flipped` may hold
-    k.flip(-1) computed once for many steps.
+
+def short_conv_step(
+    u_t: Tensor, state: Tensor, k: Tensor, D: Tensor | None = None, *, flipped: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One step of `short_conv`; u_t (..., H), state (..., H, W >= Lk) -> (y_t (..., H), new window).
+
+    The new window has u_t appended and its oldest input dropped. `flipped` may hold k.flip(-1), computed
+    once for many steps (decoding). No argument checks here: a decode step is measured in microseconds, and
+    the layers check the state's shape.
     """
-    window = torch.cat([window[..., 1:], u_t[..., None].to(window.dtype)], dim=-1)
+    state = torch.cat([state[..., 1:], u_t[..., None].to(state.dtype)], dim=-1)
     Lk = k.shape[-1]
     flipped = k.flip(-1) if flipped is None else flipped
-    y = torch.linalg.vecdot(window[..., window.shape[-1] - Lk :], flipped.to(window.dtype))
+    y = torch.linalg.vecdot(state[..., state.shape[-1] - Lk :], flipped.to(state.dtype))
     if D is not None:
         y = torch.addcmul(y, D.to(y.dtype), u_t.to(y.dtype))
-    return y.to(u_t.dtype), window
+    return y.to(u_t.dtype), state

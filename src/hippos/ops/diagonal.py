@@ -4,8 +4,12 @@ Per channel h and complex mode m (M = N / 2 modes), with the conjugate half impl
 
     x_t = dA x_{t-1} + dB u_t,   y_t = 2 Re(sum_m C_m x_t[m]),   K[l] = 2 Re(sum_m C_m dB_m dA_m^l).
 
-Parameters are complex tensors (H, M); inputs u are real (..., H, L). The D skip is not part of the SSM: the
-layers add it. All math runs in complex64, or complex128 when the inputs are float64.
+Parameters are complex tensors (H, M); inputs u are real (..., H, L). The ops take an optional skip D (H,)
+and add D u, as every op of the contract does (see `hippos.ops`). All math runs in complex64, or complex128
+when the inputs are float64 (docs/math.md, "The diagonal SSM (S4D)").
+
+Here: the kernel (`diag_kernel`, `diag_kernel_ref`), the step (`diag_ssm_step`, `diag_ssm_step_ref`) and
+the reference scan `diag_ssm_ref`; the parallel modes over a sequence are in `state_passing`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ __all__ = [
     "cmul",
     "diag_kernel",
     "diag_kernel_ref",
-    "diag_scan_ref",
-    "diag_step",
+    "diag_ssm_ref",
+    "diag_ssm_step",
+    "diag_ssm_step_ref",
     "discretize",
     "ssm_A",
+    "step_output_weights",
     "vandermonde",
 ]
 
@@ -68,7 +74,7 @@ def vandermonde(log_dA: Tensor, exponents: Tensor) -> tuple[Tensor, Tensor]:
     return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
-def diag_kernel(dA: Tensor, dB: Tensor, C: Tensor, L: int, block: int | None = None) -> Tensor:
+def diag_kernel(dA: Tensor, dB: Tensor, C: Tensor, L: int, *, block: int | None = None) -> Tensor:
     """Same as `diag_kernel_ref` with memory O(H M (block + L / block)) instead of O(H M L); -> (H, L).
 
     Writes l = b * block + j: K[l] = 2 Re(sum_m (C dB dA^(b block))_m dA_m^j), real matrix products of a
@@ -94,33 +100,67 @@ def cmul(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor) -> tuple[Tensor, Tensor
     return ar * br - ai * bi, ar * bi + ai * br
 
 
-def diag_step(u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """One recurrent step; u_t (..., H) real, state (..., H, M) complex -> (y_t (..., H), new state)."""
-    return diag_step_prepared(u_t, state, dA, dB, step_output_weights(C))
-
-
 def step_output_weights(C: Tensor) -> Tensor:
-    """2 conj(C), materialised: what `diag_step_prepared` takes in place of C."""
+    """2 conj(C), materialised, (H, M) complex: what `diag_ssm_step` can take precomputed as `out_weights`."""
     return (2 * C).conj().resolve_conj()
 
 
-def diag_step_prepared(u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, out_w: Tensor) -> tuple[Tensor, Tensor]:
-    """`diag_step` with out_w = step_output_weights(C) computed once for many steps (decoding)."""
-    state = torch.addcmul(dA * state, dB, u_t[..., None])
-    # linalg.vecdot conjugates its first argument: 2 sum_m C_m x_m = vecdot(2 conj(C), x), one fused op.
-    return torch.linalg.vecdot(out_w, state).real, state
+def diag_ssm_step_ref(
+    u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One step of the recurrence as defined; u_t (..., H) real, state (..., H, M) complex -> (y_t, new state)."""
+    state = dA * state + dB * u_t[..., None]
+    y = 2 * (C * state).sum(-1).real
+    if D is not None:
+        y = y + D * u_t
+    return y.to(u_t.dtype), state
 
 
-def diag_scan_ref(u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The recurrence over a whole sequence, one step at a time; u (..., H, L) -> (y, final state).
+def diag_ssm_step(
+    u_t: Tensor,
+    state: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    *,
+    out_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Same as `diag_ssm_step_ref` in three fused ops; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state).
 
-    state (..., H, M) complex is the state before the first input (zeros when None).
+    `out_weights` may hold `step_output_weights(C)`, computed once for many steps (decoding: a step is
+    measured in microseconds, so nothing is checked or recomputed here that need not be).
     """
+    u = u_t.to(state.real.dtype)
+    state = torch.addcmul(dA * state, dB, u[..., None])
+    w = step_output_weights(C) if out_weights is None else out_weights
+    # linalg.vecdot conjugates its first argument: 2 sum_m C_m x_m = vecdot(2 conj(C), x), one fused op.
+    y = torch.linalg.vecdot(w, state).real
+    if D is not None:
+        y = torch.addcmul(y, D.to(y.dtype), u)
+    return y.to(u_t.dtype), state
+
+
+def diag_ssm_ref(
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The recurrence over a whole sequence, one `diag_ssm_step_ref` at a time; u (..., H, L) -> (y, final state).
+
+    initial_state (..., H, M) complex is the state before the first input (zeros when None); the final state
+    (..., H, M) is returned when output_final_state, else None.
+    """
+    state = initial_state
     if state is None:
         state = torch.zeros(*u.shape[:-1], dA.shape[-1], dtype=dA.dtype, device=u.device)
     ys = []
     for t in range(u.shape[-1]):
-        y_t, state = diag_step(u[..., t], state, dA, dB, C)
+        y_t, state = diag_ssm_step_ref(u[..., t], state, dA, dB, C, D)
         ys.append(y_t)
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
-    return y, state
+    return y, (state if output_final_state else None)

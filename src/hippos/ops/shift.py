@@ -6,7 +6,9 @@ With state x in R^N per channel, x'[0] = 0 and x'[j] = x[j - 1] (A = shift), B a
 
 B starts as e_1 but is trained, so nothing here assumes it. For running the SSM step by step we keep the
 equivalent realisation with B = e_1 and C = K: its state is simply the last N inputs (a shift register),
-which `hippos.ops.short_conv_step` advances. `shift_step_ref` runs the SSM as defined, for tests.
+which `hippos.ops.short_conv` and `short_conv_step` run (docs/math.md, "The shift SSM"). `shift_step_ref` runs
+the SSM as defined, for tests; its state is the x above, so it takes the step arguments of the ops contract,
+`(u_t, state, B, C)`, but has no fast twin: the fast path is the shift register.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def shift_kernel(B: Tensor, C: Tensor) -> Tensor:
     return F.conv1d(F.pad(C, (0, N - 1))[None], B[:, None, :], groups=H)[0]
 
 
-def shift_step_ref(x: Tensor, u_t: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """One step of the shift SSM as defined; x (..., H, N), u_t (..., H) -> (y_t (..., H), new x)."""
+def shift_step_ref(u_t: Tensor, state: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the shift SSM as defined; u_t (..., H), state x (..., H, N) -> (y_t (..., H), new x)."""
     _check(B, C)
-    x = torch.cat([torch.zeros_like(x[..., :1]), x[..., :-1]], dim=-1) + B * u_t[..., None]
+    x = torch.cat([torch.zeros_like(state[..., :1]), state[..., :-1]], dim=-1) + B * u_t[..., None]
     return (C * x).sum(-1), x

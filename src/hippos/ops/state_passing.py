@@ -1,6 +1,12 @@
-"""FlashConv state passing: the diagonal SSM over a long sequence, one chunk of T steps at a time.
+"""The diagonal SSM over a whole sequence in parallel: chunked state passing and the convolution mode.
 
-With h the complex state entering a chunk and u_0 .. u_{T-1} its inputs (REFERENCE section 1):
+Both follow the contract of `hippos.ops` and equal the reference scan `diag_ssm_ref`:
+
+    y, final_state = diag_ssm_chunked(u, dA, dB, C, D=None, initial_state=None, output_final_state=False, *, chunk=64)
+    y, final_state = diag_ssm_fft(u, dA, dB, C, D=None, initial_state=None, output_final_state=False, *, chunk=64)
+
+FlashConv state passing runs the SSM one chunk of T steps at a time. With h the complex state entering a
+chunk and u_0 .. u_{T-1} its inputs (docs/math.md, "2. Chunked state passing"):
 
     y_j = sum_{i <= j} K[j - i] u_i + 2 Re(sum_m C_m dA_m^(j+1) h_m)        (intra-chunk + from the state)
     h'  = dA^T h + sum_i dA^(T-1-i) dB u_i                                   (state leaving the chunk)
@@ -9,8 +15,9 @@ Per channel that is one T x T Toeplitz matrix and two T x 2M real Vandermonde ma
 at once as batched matmuls, plus a scan over chunks on the tiny (H, M) state. Exact, O(L (T + M)) work,
 memory bounded by the chunk: the CPU's matmul units do what an FFT of the whole sequence would.
 
-The same operators give "outputs caused by an initial state" and "state after a sequence", which the FFT
-path of the layers uses to honour the state contract.
+The convolution mode convolves with the whole kernel from a zero state; the same chunk operators give what
+an initial state adds: the outputs it causes on its own, and the state after the sequence
+(docs/math.md, "1. Convolution").
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import compute_dtype, contiguous_grad, from_chunks
-from .diagonal import cmul, vandermonde
+from .conv import causal_conv, compute_dtype, contiguous_grad, from_chunks
+from .diagonal import cmul, diag_kernel, vandermonde
 
-__all__ = ["chunk_operators", "diag_final_state", "diag_ssm_chunked", "diag_state_outputs"]
+__all__ = ["ChunkOperators", "chunk_operators", "diag_ssm_chunked", "diag_ssm_fft"]
 
 
 @dataclass
@@ -67,18 +74,27 @@ def _powers(dA: Tensor, exponents: Tensor) -> Tensor:
     return torch.complex(*vandermonde(torch.log(dA), exponents)).transpose(1, 2)
 
 
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype of SSM states for inputs of this dtype: complex128 for float64, else complex64."""
+    return torch.complex128 if compute_dtype(dtype) == torch.float64 else torch.complex64
+
+
+def _check_state(u: Tensor, dA: Tensor, initial_state: Tensor | None) -> None:
+    expected = (*u.shape[:-1], dA.shape[-1])
+    if initial_state is not None and initial_state.shape != expected:
+        raise ValueError(f"initial_state must be {expected} complex, got {tuple(initial_state.shape)}")
+
+
 def _prepare(u: Tensor, dA: Tensor, state: Tensor | None):
     """Flatten u (..., H, L) to (R, H, L) in the compute dtype and the state to (H, R, M) complex."""
+    _check_state(u, dA, state)
     *lead, H, L = u.shape
-    cdt = compute_dtype(u.dtype)
-    ctype = torch.complex128 if cdt == torch.float64 else torch.complex64
-    uc = u.reshape(-1, H, L).to(cdt)
+    ctype = _complex_dtype(u.dtype)
+    uc = u.reshape(-1, H, L).to(compute_dtype(u.dtype))
     R, M = uc.shape[0], dA.shape[-1]
     if state is None:
         h0 = torch.zeros(H, R, M, dtype=ctype, device=u.device)
     else:
-        if state.shape != (*lead, H, M):
-            raise ValueError(f"state must be {(*lead, H, M)} complex, got {tuple(state.shape)}")
         h0 = state.reshape(R, H, M).to(ctype).transpose(0, 1)
     return lead, uc, h0, ctype
 
@@ -103,14 +119,17 @@ def diag_ssm_chunked(
     dB: Tensor,
     C: Tensor,
     D: Tensor | None = None,
-    state: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    *,
     chunk: int = 64,
-) -> tuple[Tensor, Tensor]:
-    """Diagonal SSM (+ D u) by state passing; u (..., H, L) real -> (y (..., H, L), final state (..., H, M)).
+) -> tuple[Tensor, Tensor | None]:
+    """Diagonal SSM (+ D u) by state passing; u (..., H, L) real -> (y (..., H, L), final state (..., H, M) or None).
 
-    Equal to `diag_scan_ref` and to an FFT convolution with the SSM kernel, for any L and chunk size.
+    Equal to `diag_ssm_ref` and to `diag_ssm_fft`, for any L and chunk size. initial_state (..., H, M) complex
+    is the state before u (zeros when None); the final state is computed only when output_final_state.
     """
-    lead, uc, h, ctype = _prepare(u, dA, state)
+    lead, uc, h, ctype = _prepare(u, dA, initial_state)
     R, H, L = uc.shape
     dA, dB, C = dA.to(ctype), dB.to(ctype), C.to(ctype)
     T = max(1, min(chunk, L))
@@ -120,26 +139,62 @@ def diag_ssm_chunked(
     s = torch.view_as_complex(torch.bmm(x, ops.w_in).reshape(H, R, nb, -1, 2))  # (H, R, nb, M)
     # The scan is sequential over chunks but each step is a small elementwise op on (H, R, M).
     # unbind once: indexing s[:, :, c] in the loop would make every step's backward write a full-size zero
-    # tensor, O(nb^2) work.
-    entering = []
-    for s_c in s.unbind(2):
-        entering.append(h)
+    # tensor, O(nb^2) work. The state leaving the last chunk is only needed for the final state.
+    s_chunks = s.unbind(2)
+    entering = [h]
+    for s_c in s_chunks[:-1]:
         h = torch.addcmul(s_c, ops.dA_T[:, None], h)
+        entering.append(h)
     hs = torch.stack(entering, dim=2)  # (H, R, nb, M): the state entering each chunk
     y = contiguous_grad(torch.baddbmm(torch.bmm(x, ops.toeplitz_t), _state_to_real(hs), ops.w_out))
-    r = L - (nb - 1) * T
-    if r < T:
-        # The last chunk was zero-padded at the back: advance its entering state over its r real inputs only.
-        last = x.reshape(H, R, nb, T)[:, :, -1, :r]
-        s_r = torch.view_as_complex(torch.bmm(last, ops.w_in[:, T - r :]).reshape(H, R, -1, 2))
-        h = torch.exp(torch.log(dA) * r)[:, None] * hs[:, :, -1] + s_r
-    return from_chunks(y, uc, D, lead).to(u.dtype), h.transpose(0, 1).reshape(*lead, H, -1)
+    y = from_chunks(y, uc, D, lead).to(u.dtype)
+    if not output_final_state:
+        return y, None
+    h = _leaving_last_chunk(h, s_chunks[-1], x.reshape(H, R, nb, T)[:, :, -1], ops, dA, L - (nb - 1) * T)
+    return y, h.transpose(0, 1).reshape(*lead, H, -1)
 
 
-def diag_state_outputs(state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int = 64) -> Tensor:
+def _leaving_last_chunk(h: Tensor, s_last: Tensor, x_last: Tensor, ops: ChunkOperators, dA: Tensor, r: int) -> Tensor:
+    """State (H, R, M) after the last chunk, from the state h entering it, its r real inputs x_last[..., :r]."""
+    T = ops.T
+    if r == T:
+        return torch.addcmul(s_last, ops.dA_T[:, None], h)
+    # The last chunk was zero-padded at the back: advance its entering state over its r real inputs only.
+    H, R = x_last.shape[:2]
+    s_r = torch.view_as_complex(torch.bmm(x_last[..., :r], ops.w_in[:, T - r :]).reshape(H, R, -1, 2))
+    return torch.exp(torch.log(dA) * r)[:, None] * h + s_r
+
+
+def diag_ssm_fft(
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    *,
+    chunk: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Diagonal SSM (+ D u) as a convolution with its whole kernel; u (..., H, L) -> (y, final state or None).
+
+    The kernel comes from `diag_kernel` and the convolution from `causal_conv` (a real FFT, or one Toeplitz
+    matmul up to 128 steps). An initial state adds the outputs it causes on its own; the final state is
+    summed chunk by chunk. `chunk` sizes those two state terms only. Equal to `diag_ssm_ref`.
+    """
+    _check_state(u, dA, initial_state)
+    L = u.shape[-1]
+    y = causal_conv(u, diag_kernel(dA, dB, C, L), D)
+    if initial_state is not None:
+        y = y + _state_outputs(initial_state, dA, C, L, u.dtype, chunk)
+    final = _final_state(u, dA, dB, initial_state, chunk) if output_final_state else None
+    return y, final
+
+
+def _state_outputs(state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torch.dtype, chunk: int) -> Tensor:
     """Outputs caused by an initial state alone, y_t = 2 Re(sum_m C_m dA_m^(t+1) h_m); -> (..., H, L)."""
     *lead, H, M = state.shape
-    ctype = torch.complex128 if compute_dtype(dtype) == torch.float64 else torch.complex64
+    ctype = _complex_dtype(dtype)
     dA, C = dA.to(ctype), C.to(ctype)
     T = max(1, min(chunk, L))
     nb = -(-L // T)
@@ -150,7 +205,7 @@ def diag_state_outputs(state: Tensor, dA: Tensor, C: Tensor, L: int, dtype: torc
     return y.reshape(H, -1, nb * T)[..., :L].transpose(0, 1).reshape(*lead, H, L).to(dtype)
 
 
-def diag_final_state(u: Tensor, dA: Tensor, dB: Tensor, state: Tensor | None = None, chunk: int = 64) -> Tensor:
+def _final_state(u: Tensor, dA: Tensor, dB: Tensor, state: Tensor | None, chunk: int) -> Tensor:
     """State after the sequence u (..., H, L) from `state` (zeros when None); -> (..., H, M) complex.
 
     h_L = dA^L h_0 + sum_i dA^(L-1-i) dB u_i, summed chunk by chunk: zeros in front of u add nothing.

@@ -9,11 +9,12 @@ damaged file with a message naming it; `latest_checkpoint` falls back to the pre
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..data.files import atomic_write
 
 LATEST, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
@@ -21,19 +22,15 @@ LATEST, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
     """Write payload (tensors, numbers, strings, lists, dicts) as the run's newest checkpoint."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint.", suffix=".tmp")
-    os.close(fd)
-    try:
+    latest = run_dir / LATEST
+
+    def write(tmp: Path) -> None:
         torch.save(payload, tmp)
-        latest = run_dir / LATEST
+        # Only once the new file is complete does the current one become the previous one.
         if latest.exists():
             os.replace(latest, run_dir / PREVIOUS)
-        os.replace(tmp, latest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return run_dir / LATEST
+
+    return atomic_write(latest, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:

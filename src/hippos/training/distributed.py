@@ -95,15 +95,11 @@ class Parallel:
         elif self.kind == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            # fully_shard replaces every Parameter with a sharded one: the SSM parameters' optimizer marks
-            # (no weight decay, lr cap; hippos.training.optim) must move over to the new objects.
-            marks = {name: p._optim for name, p in model.named_parameters() if hasattr(p, "_optim")}
+            # fully_shard replaces every Parameter with a sharded one under the same module and name, which is
+            # where the optimiser groups are read from (hippos.training.optim.ssm_parameters).
             for block in model.backbone.layers:
                 fully_shard(block)
             fully_shard(model)  # the root: embedding (tied with the head) and final norm
-            for name, p in model.named_parameters():
-                if name in marks:
-                    p._optim = marks[name]
 
     @property
     def sharded(self) -> bool:

@@ -22,8 +22,8 @@ from ..data.text import TokenCorpus, check_source_spec, find_sources, tokenize_c
 from ..data.tokenizers import load_tokenizer
 from ..evaluation.perplexity import perplexity
 from ..models import H3LM, H3Config
-from .distributed import init_distributed, rank_device
-from .flops import flops_per_token, matmul_tflops
+from .distributed import Distributed, init_distributed, rank_device
+from .flops import flops_per_token
 from .loop import TrainConfig, train
 
 
@@ -107,26 +107,18 @@ def run_lm(
 ) -> dict:
     """Train a fresh language model on text, validating every train_cfg.eval_every steps; returns the metrics.
 
-    out_dir gets log.jsonl (loss, tokens/s, TFLOP/s and MFU; validation loss, perplexity, bits per byte),
-    run.json, checkpoints, the trained model (from_pretrained) and the tokenizer's Hugging Face files. Run
-    under torchrun for several processes.
+    out_dir gets log.jsonl (loss, tokens/s, TFLOP/s, and MFU when train_cfg.peak_tflops is set; validation loss,
+    perplexity, bits per byte), run.json, checkpoints, the trained model (from_pretrained) and the tokenizer's
+    Hugging Face files. Run under torchrun for several processes.
     """
-    train_cfg.validate()
     where = init_distributed(train_cfg.device)
     train_cfg = dataclasses.replace(train_cfg, device=rank_device(train_cfg.device, where))
     tokenizer = load_tokenizer(data.tokenizer)
     check_tokenizer_fits(model_cfg, tokenizer)
-    if where.is_main:  # one rank tokenizes; the others then find the shards in the cache
-        corpora = prepare_corpora(data, tokenizer, progress=bool(progress))
-    if where.enabled:
-        torch.distributed.barrier()
-    if not where.is_main:
-        corpora = prepare_corpora(data, tokenizer, progress=False)
+    corpora = _prepare_on_every_rank(data, tokenizer, where, progress)
     batches = PackedBatches(
         corpora.train.segments, data.seq_len, train_cfg.batch_size, train_cfg.seed, where.rank, where.world_size
     )
-    if not train_cfg.peak_tflops and torch.device(train_cfg.device).type == "cpu":
-        train_cfg = dataclasses.replace(train_cfg, peak_tflops=matmul_tflops())  # MFU against the measured rate
     if where.is_main:  # the run directory is a complete model: AutoTokenizer and lm-eval load it from there
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(ImportError):  # without the tokenizers package: no tokenizer files
@@ -142,15 +134,17 @@ def run_lm(
     }
     valid, valid_bytes = corpora.valid_tokens, corpora.valid_bytes
     evaluate = lambda m: perplexity(m, valid, data.seq_len, batch_size=16, num_bytes=valid_bytes)  # noqa: E731
-    return train(
-        model,
-        batches,
-        train_cfg,
-        out_dir,
-        evaluate,
-        resume=resume,
-        progress=progress,
-        extra=extra,
-        flops_per_token=flops_per_token(model_cfg, model.num_parameters(), data.seq_len),
-        where=where,
-    )
+    flops = flops_per_token(model_cfg, model.num_parameters(), data.seq_len)
+    return train(model, batches, train_cfg, out_dir, evaluate, resume=resume, progress=progress, extra=extra,
+                 flops_per_token=flops, where=where)  # fmt: skip
+
+
+def _prepare_on_every_rank(data: LMDataConfig, tokenizer, where: Distributed, progress: bool | str) -> LMCorpora:
+    """prepare_corpora on every rank: rank 0 tokenizes first, the others then find the shards in the cache."""
+    if where.is_main:
+        corpora = prepare_corpora(data, tokenizer, progress=bool(progress))
+    if where.enabled:
+        torch.distributed.barrier()
+    if not where.is_main:
+        corpora = prepare_corpora(data, tokenizer, progress=False)
+    return corpora

@@ -1,4 +1,4 @@
-"""AdamW with the SSM parameter groups of REFERENCE 2, and the learning-rate schedule."""
+"""AdamW with the SSM parameter groups (docs/models.md), and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,23 +9,39 @@ from torch import nn
 
 SCHEDULES = ("cosine", "linear", "constant")
 
+# SSM parameters (the ones a layer class names in `ssm_parameter_names`) train without weight decay and with a
+# learning rate of at most this: the paper's recipe (docs/models.md), larger steps destabilise the state matrices.
+SSM_LR_MAX = 1e-3
+
+
+def ssm_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that modules of `model` name in their class's `ssm_parameter_names`.
+
+    Read from the modules, not from marks on the tensors: FSDP and from_pretrained replace parameter objects,
+    but every module keeps its parameters under the same names.
+    """
+    found = set()
+    for module in model.modules():
+        for name in getattr(type(module), "ssm_parameter_names", ()):
+            param = module._parameters.get(name)
+            if param is not None:
+                found.add(id(param))
+    return found
+
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """Two groups: SSM parameters marked with `_optim` (no weight decay, lr capped at their lr_max, 1e-3) and
+    """Two groups: the SSM parameters (`ssm_parameter_names`: no weight decay, lr capped at SSM_LR_MAX) and
     everything else (AdamW weight decay). Each parameter appears once, even when tied."""
-    ssm: dict[float, list] = {}
-    rest = []
+    ssm_ids = ssm_parameters(model)
+    ssm, rest = [], []
     for p in dict.fromkeys(model.parameters()):  # tied parameters once, in a stable order
-        if not p.requires_grad:
-            continue
-        hint = getattr(p, "_optim", None)
-        if hint is None:
-            rest.append(p)
-        else:
-            ssm.setdefault(min(lr, hint.get("lr_max", lr)), []).append(p)
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "default"}]
-    for group_lr, params in sorted(ssm.items()):
-        groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0, "name": f"ssm (lr {group_lr:g})"})
+        if p.requires_grad:
+            (ssm if id(p) in ssm_ids else rest).append(p)
+    ssm_lr = min(lr, SSM_LR_MAX)
+    groups = [
+        {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "default"},
+        {"params": ssm, "lr": ssm_lr, "weight_decay": 0.0, "name": f"ssm (lr {ssm_lr:g})"},
+    ]
     return [g for g in groups if g["params"]]
 
 

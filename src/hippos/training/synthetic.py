@@ -1,4 +1,4 @@
-"""Training a language model on a synthetic in-context-learning task (REFERENCE section 4).
+"""Training a language model on a synthetic in-context-learning task (docs/tasks.md).
 
 A run is three typed sections: the model (H3Config, optionally from a preset), the task and its data
 (SyntheticDataConfig) and the training (TrainConfig). The data is regenerated from its seed, so a run
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import check_numbers
+from ..data.packing import EpochOrder
 from ..data.synthetic import TASK_NAMES, Examples, SyntheticTask, make_splits
 from ..evaluation.synthetic import evaluate_examples
 from ..models import H3LM, H3Config
@@ -64,24 +65,18 @@ class SyntheticDataConfig:
 class EpochBatches:
     """batch_at(step) -> (inputs, targets) for the training loop: epochs of shuffled, full batches.
 
-    Epoch e visits the training examples in a permutation drawn from (seed, e); its last incomplete batch is
-    dropped. The batch of a step depends on the step alone, so a resumed run sees the same data.
+    The batches come from `EpochOrder`, the sampler packed text uses too.
     """
 
     def __init__(self, examples: Examples, batch_size: int, seed: int, loss_on: str = "all"):
         if batch_size > examples.num_examples:
             raise ValueError(f"batch_size {batch_size} exceeds the {examples.num_examples} training examples")
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.examples, self.order = examples, EpochOrder(examples.num_examples, batch_size, seed)
         self.targets = examples.targets if loss_on == "all" else examples.graded_targets()
-        self.steps_per_epoch = examples.num_examples // batch_size
-        self._epoch, self._order = -1, None
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def __call__(self, step: int) -> tuple[Tensor, Tensor]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.examples.num_examples, generator=g)
-        index = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        index = self.order(step)
         return self.examples.inputs[index], self.targets[index]
 
 
@@ -108,7 +103,6 @@ def run_synthetic(
     """
     task = data.spec()
     check_vocabulary(model_cfg, task)
-    train_cfg.validate()
     trainset, testset = make_splits(task, data.n_train, data.n_test, data.seed)
     batches = EpochBatches(trainset, train_cfg.batch_size, train_cfg.seed, data.loss_on)
     torch.manual_seed(train_cfg.seed)  # the initialisation; the loop reseeds for dropout and order
