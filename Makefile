@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 LOWEST := requirements/lowest.txt
-EXTRAS := dev,plot,hf,data,eval
+EXTRAS := dev,plot,hf,data,eval,serve
 # torch is the one package outside lock.txt: which build fits (CPU or CUDA) depends on the machine. Its version
 # is pinned here; pip takes the build the machine offers (on this project's machines, a local CPU build).
 TORCH ?= torch==2.13.0

@@ -12,7 +12,8 @@ EXTRAS = {
     "plot": ["matplotlib.pyplot"],
     "data": ["datasets"],
     "eval": ["lm_eval", "lm_eval.models.huggingface", "accelerate"],
-    "dev": ["pytest", "hypothesis"],
+    "serve": ["fastapi", "uvicorn", "prometheus_client"],
+    "dev": ["pytest", "hypothesis", "openai"],
 }
 
 
