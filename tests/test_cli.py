@@ -129,6 +129,44 @@ def test_generate_errors_are_clean(tiny_dir, capsys):
     assert "argument --top-p: expected a finite number above 0 and at most 1, got '2'" in capsys.readouterr().err
 
 
+def test_generate_with_int8_weights_matches_the_quantized_library_model(tiny_dir, capsys):
+    import torch
+
+    from hippos import H3LM, generate, quantize
+    from hippos.data import ByteTokenizer
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "abc", "--max-new-tokens", "8",
+                 "--temperature", "0", "--quantize", "int8"]) == 0  # fmt: skip
+    model, tok = quantize(H3LM.from_pretrained(tiny_dir)), ByteTokenizer()
+    ids = generate(model, torch.tensor([tok.encode("abc")]), 8, temperature=0, eos_token_id=tok.eos_token_id)
+    assert capsys.readouterr().out == tok.decode(ids[0].tolist()) + "\n"
+
+
+def test_eval_ppl_with_int8_weights_is_close_to_fp32(tiny_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The hippo swims in the river and eats the grass on the bank. " * 8)
+    common = ["eval", "ppl", "--model", str(tiny_dir), "--data", str(text), "--context", "32", "--quiet",
+              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main([*common, "--json", str(tmp_path / "fp32.json")]) == 0
+    assert main([*common, "--json", str(tmp_path / "int8.json"), "--quantize", "int8"]) == 0
+    assert "(int8 weights) on" in capsys.readouterr().out
+    fp32, int8 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fp32", "int8"))
+    assert (fp32["quantize"], int8["quantize"]) == ("none", "int8") and int8["tokens"] == fp32["tokens"]
+    assert int8["perplexity"] != fp32["perplexity"]  # the int8 model did run
+    assert abs(int8["loss"] / fp32["loss"] - 1) < 0.02  # a random tiny model: near-uniform, barely moved
+
+
+def test_quantize_option_errors_are_clean(tiny_dir, tmp_path, capsys):
+    from hippos import H3LM, quantize
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--quantize", "int4"]) == 2
+    assert "argument --quantize: invalid choice: 'int4'" in capsys.readouterr().err
+    quantize(H3LM.from_pretrained(tiny_dir)).save_pretrained(tmp_path / "q")
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "x", "--quantize", "int8"]) == 2
+    assert "already quantized (int8)" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "x", "--max-new-tokens", "3"]) == 0
+
+
 def test_convert_an_official_file(tmp_path, capsys):
     import torch
 
@@ -175,3 +213,62 @@ def test_default_tokenizer_reads_the_vocabulary_from_the_folder(tiny_dir, tmp_pa
     assert default_tokenizer(tiny_dir) == "bytes"  # the tiny preset has 257 ids
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         default_tokenizer(tmp_path)
+
+
+# ---- hippos serve: options, settings and the model it hands the server (the server itself: tests/serving/) ----
+def test_serve_help_lists_its_options_and_limits(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--quantize", "--host", "--port", "--api-key", "--tokenizer", "--served-model-name",
+                   "--config", "--serve.max_queue", "--serve.max_body_bytes", "--serve.cache_bytes"):  # fmt: skip
+        assert option in out
+    assert "--serve.api_key" not in out and "--serve.port" not in out  # plain options, not settings
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """hippos.serving.server.serve replaced: records what `hippos serve` would serve, and returns 0."""
+    import hippos.serving.server
+
+    seen = {}
+
+    def fake_serve(model, tokenizer, name, config):
+        seen.update(model=model, tokenizer=tokenizer, name=name, config=config)
+        return 0
+
+    monkeypatch.setattr(hippos.serving.server, "serve", fake_serve)
+    monkeypatch.delenv("HIPPOS_API_KEY", raising=False)
+    return seen
+
+
+def test_serve_builds_its_settings_and_model(tiny_dir, served, tmp_path, monkeypatch):
+    from hippos.models.quantize import quantization_of
+
+    (tmp_path / "serve.toml").write_text("[serve]\nmax_queue = 3\nmax_tokens = 99\n")
+    argv = ["serve", "--model", str(tiny_dir), "--port", "0", "--config", str(tmp_path / "serve.toml")]
+    assert main([*argv, "--serve.max-queue", "5", "--api-key", "k"]) == 0
+    c = served["config"]
+    assert (c.host, c.port, c.api_key, c.max_queue, c.max_tokens) == ("127.0.0.1", 0, "k", 5, 99)
+    assert served["name"] == tiny_dir.name and served["tokenizer"].name == "bytes"
+    assert quantization_of(served["model"]) == "none"
+    monkeypatch.setenv("HIPPOS_API_KEY", "from-env")
+    assert main(["serve", "--model", str(tiny_dir), "--quantize", "int8", "--served-model-name", "h3-int8"]) == 0
+    assert quantization_of(served["model"]) == "int8" and served["name"] == "h3-int8"
+    assert served["config"].api_key == "from-env" and served["config"].port == 8000
+
+
+def test_serve_errors_are_clean(tiny_dir, served, capsys, monkeypatch):
+    import importlib.util
+
+    for extra, words in ((["--serve.max_queue", "0"], "max_queue must be > 0"),
+                         (["--serve.bogus", "1"], "unknown key serve.bogus"),
+                         (["--port", "70000"], "port must be from 0 to 65535"),
+                         (["--api-key", "a b"], "api_key must be a non-empty string")):  # fmt: skip
+        assert main(["serve", "--model", str(tiny_dir), *extra]) == 2
+        assert words in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve", "--model", str(tiny_dir)]) == 2
+    assert 'needs fastapi: pip install "hungry-hippos[serve]"' in capsys.readouterr().err
+    assert not served  # nothing reached the server

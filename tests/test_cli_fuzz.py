@@ -27,6 +27,7 @@ from hippos import H3LM, H3Config
 from hippos.benchmarks.generate import GenerateBenchConfig
 from hippos.benchmarks.layer import LayerBenchConfig
 from hippos.benchmarks.lm import LMBenchConfig
+from hippos.benchmarks.serve import ServeBenchConfig
 from hippos.benchmarks.synthetic import SyntheticBenchConfig
 from hippos.benchmarks.train_speed import TrainBenchConfig
 from hippos.cli import main
@@ -143,7 +144,7 @@ OUTPUT_DIR = st.sampled_from(["text.txt", "text.txt/out"])  # a file, or a path 
 
 # Text fields that take one of a few names (free-form ones, like tokenizer names or paths, are not fuzzed).
 ENUMS = {"ssm_mixer", "ssm_init", "discretization", "ssm_mode", "schedule", "precision", "parallel", "device",
-         "task", "tasks", "loss_on", "impls", "models", "preset", "datasets"}  # fmt: skip
+         "task", "tasks", "loss_on", "impls", "models", "preset", "datasets", "quantize"}  # fmt: skip
 
 
 def field_options(cls: type, section: str, skip: tuple[str, ...] = ()) -> list[tuple[str, st.SearchStrategy[str]]]:
@@ -179,6 +180,9 @@ def files(kind: str) -> st.SearchStrategy[str]:
 
 
 # (base command line, [(option, bad values)]); file values are relative to the user's folder.
+# The benchmarks by subcommand name: each takes --json, --config and --bench.FIELD for every field of its config.
+BENCHES = {"layer": LayerBenchConfig, "generate": GenerateBenchConfig, "train": TrainBenchConfig,
+           "synthetic": SyntheticBenchConfig, "lm": LMBenchConfig, "serve": ServeBenchConfig}  # fmt: skip
 COMMANDS = {
     "demo": (["demo", "--out", "demo-runs"], [("--out", OUTPUT_DIR), ("--json", OUTPUT_FILE), ("--plot", OUTPUT_FILE)]),
     "generate": (
@@ -222,8 +226,7 @@ COMMANDS = {
     **{
         f"bench-{name}": (["bench", name], [("--json", OUTPUT_FILE), ("--config", files("bench-config")),
                                             *field_options(cls, "bench")])
-        for name, cls in (("layer", LayerBenchConfig), ("generate", GenerateBenchConfig),
-                          ("train", TrainBenchConfig), ("synthetic", SyntheticBenchConfig), ("lm", LMBenchConfig))
+        for name, cls in BENCHES.items()
     },
 }  # fmt: skip
 POSITIONAL = {"SRC": 1, "DEST": 2}  # convert's positional arguments, by index in its command line
@@ -340,6 +343,4 @@ def test_the_fuzzed_commands_are_valid_as_given(user_dir, tmp_path, name):
     args, extra = build_parser().parse_known_args(argv)
     assert extra == [], name
     if name.startswith("bench-"):
-        cls = {"layer": LayerBenchConfig, "generate": GenerateBenchConfig, "train": TrainBenchConfig,
-               "synthetic": SyntheticBenchConfig, "lm": LMBenchConfig}[name.removeprefix("bench-")]  # fmt: skip
-        load_run(None, {"bench": cls}, section_overrides(args))
+        load_run(None, {"bench": BENCHES[name.removeprefix("bench-")]}, section_overrides(args))

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -171,12 +172,15 @@ def _generate(args: argparse.Namespace) -> int:
     from .data.tokenizers import load_tokenizer
     from .generation import TextStreamer, generate
     from .models import H3LM
+    from .models.quantize import quantize
     from .training.lm import check_tokenizer_fits
     from .training.run import default_tokenizer
 
     if not args.prompt:
         raise ValueError("the prompt is empty: give at least one character of text")
     model = H3LM.from_pretrained(args.model, **({"n_head": args.n_head} if args.n_head else {}))
+    if args.quantize:
+        model = quantize(model, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, model.config.vocab_size))
     check_tokenizer_fits(model.config, tokenizer)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -257,6 +261,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from .data.tokenizers import load_tokenizer
     from .evaluation import perplexity
     from .models import H3LM
+    from .models.quantize import quantize
     from .training.lm import check_tokenizer_fits
     from .training.run import default_tokenizer
 
@@ -265,6 +270,8 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     check_device_name(args.device)
     find_sources(args.data)  # a missing file is reported before the model is loaded
     model = H3LM.from_pretrained(args.model, device=args.device)
+    if args.quantize:
+        model = quantize(model, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, model.config.vocab_size))
     check_tokenizer_fits(model.config, tokenizer)
     corpus = tokenize_corpus(args.data, tokenizer, args.cache_dir, args.text_field, progress=not args.quiet)
@@ -272,11 +279,13 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         result = perplexity(model, corpus.concatenated(), args.context, stride, args.batch_size, corpus.num_bytes,
                             not args.quiet)  # fmt: skip
-    print(f"{args.model} on {', '.join(args.data)} ({tokenizer.name} tokens, context {args.context}, stride {stride}): "
+    name = f"{args.model} ({args.quantize} weights)" if args.quantize else args.model
+    print(f"{name} on {', '.join(args.data)} ({tokenizer.name} tokens, context {args.context}, stride {stride}): "
           f"perplexity {result['perplexity']:.3f}, {result['loss']:.4f} nats/token, "
           f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens")  # fmt: skip
     _write_json(args.json, {"model": args.model, "data": args.data, "tokenizer": tokenizer.name,
-                            "context": args.context, "stride": stride, **result})  # fmt: skip
+                            "context": args.context, "stride": stride, "quantize": args.quantize or "none",
+                            **result})  # fmt: skip
     return 0
 
 
@@ -370,11 +379,52 @@ def _bench_generate(args: argparse.Namespace) -> int:
 
     cfg = _bench_config(args, GenerateBenchConfig, quick_config() if args.quick else None)
     print(f"generation benchmark: {cfg.preset} shape, batches {list(cfg.batches)}, prompts {list(cfg.prompts)}, "
-          f"{cfg.new_tokens} new tokens, fp32 on {cfg.device}; every figure from a fresh process",
+          f"{cfg.new_tokens} new tokens, {'int8 weights' if cfg.quantize == 'int8' else 'fp32'} on {cfg.device}; "
+          "every figure from a fresh process",
           flush=True)  # fmt: skip
     result = run_generate_bench(cfg, progress=_progress_bar("bench generate"))
     _report(result, format_table(result, markdown=args.markdown), args.json)
     return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from .benchmarks.serve import ServeBenchConfig, format_table, plot, quick_config, run_serve_bench
+
+    cfg = _bench_config(args, ServeBenchConfig, quick_config() if args.quick else None)
+    print(f"serving benchmark: {', '.join(cfg.models)} at the {cfg.preset} shape, {list(cfg.clients)} concurrent "
+          f"streaming clients, prompts of {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens; a fresh server "
+          "per round, on 127.0.0.1", flush=True)  # fmt: skip
+    result = run_serve_bench(cfg, progress=_progress_bar("bench serve"))
+    _report(result, format_table(result, markdown=args.markdown), args.json)
+    print(f"wall time {result['wall_seconds']:.0f} s")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import check_device_name
+    from .data.tokenizers import load_tokenizer
+    from .models import H3LM
+    from .serving.server import ServeConfig, check_serve_extra, serve, with_address
+    from .training.lm import check_tokenizer_fits
+    from .training.run import default_tokenizer
+
+    config = load_run(args.config, {"serve": ServeConfig}, section_overrides(args))["serve"]
+    config = with_address(config, args.host, args.port, args.api_key)
+    check_serve_extra()
+    check_device_name(args.device)
+    model = H3LM.from_pretrained(args.model, device=args.device)
+    if args.quantize:
+        from .models.quantize import quantize
+
+        model = quantize(model, args.quantize)
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, model.config.vocab_size))
+    check_tokenizer_fits(model.config, tokenizer)
+    path = Path(args.model)
+    name = args.served_model_name or (path.stem if path.is_file() else path.name)
+    return serve(model, tokenizer, name, config)
 
 
 # ---- the parser: one builder per subcommand ------------------------------------------------------------------
@@ -410,6 +460,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--seed", type=_integer(0), default=None, help="random seed, for reproducible sampling")
     gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     gen.add_argument("--n-head", type=_integer(1), default=None, help="attention heads, for official .pt files only")
+    gen.add_argument("--quantize", choices=("int8",), default=None,
+                     help="run with int8 weights (hippos.quantize; docs/quantization.md)")  # fmt: skip
     _leaf(gen, _generate)
 
 
@@ -495,6 +547,8 @@ def _add_eval_ppl(ev) -> None:
     evp.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evp.add_argument("--json", type=_output_file, help="also write the result as JSON here")
     evp.add_argument("--quiet", action="store_true", help="no progress bars")
+    evp.add_argument("--quantize", choices=("int8",), default=None,
+                     help="evaluate with int8 weights (hippos.quantize; docs/quantization.md)")  # fmt: skip
     _leaf(evp, _eval_ppl)
 
 
@@ -534,6 +588,7 @@ def _add_bench(sub) -> None:
     from .benchmarks.generate import GenerateBenchConfig
     from .benchmarks.layer import LayerBenchConfig
     from .benchmarks.lm import LMBenchConfig
+    from .benchmarks.serve import ServeBenchConfig
     from .benchmarks.synthetic import SyntheticBenchConfig
     from .benchmarks.train_speed import TrainBenchConfig
 
@@ -551,6 +606,36 @@ def _add_bench(sub) -> None:
                   LMBenchConfig, _bench_lm, plot="the loss curves")  # fmt: skip
     _bench_parser(bench, "generate", "prefill/decode speed: H3, hybrid, Transformer vs HF GPT-2",
                   GenerateBenchConfig, _bench_generate, quick="short form: prompt 512, 32 new tokens")  # fmt: skip
+    _bench_parser(bench, "serve", "HTTP serving under 1-32 streaming clients: hippos serve vs transformers serve",
+                  ServeBenchConfig, _bench_serve, plot="output tokens/s against clients",
+                  quick="smoke run: tiny preset, 1 and 4 clients, short prompts")  # fmt: skip
+
+
+def _add_serve(sub) -> None:
+    from .serving.server import ServeConfig
+
+    srv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server: /v1/completions, /v1/models, /health, /metrics",
+        description="Serve a model over HTTP (OpenAI's completions API; streaming as server-sent events) until "
+        "Ctrl-C, which lets running requests finish. Limits: --serve.FIELD value (below), or a [serve] table in a "
+        'TOML file given with --config. Needs the serve extra: pip install "hungry-hippos[serve]".',
+    )
+    srv.add_argument("--model", required=True, help="save_pretrained directory, official .pt file or Hub id")
+    srv.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights (hippos.quantize) first")
+    srv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=_integer(0), default=None, help="TCP port (default 8000; 0: any free one)")
+    srv.add_argument("--api-key", default=os.environ.get("HIPPOS_API_KEY"), metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                     "$HIPPOS_API_KEY, which keeps the key out of the process list)")  # fmt: skip
+    srv.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    srv.add_argument("--served-model-name", default=None, metavar="NAME",
+                     help="the model name clients send (default: the model folder's name)")  # fmt: skip
+    srv.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    srv.add_argument("--config", type=_input_file, metavar="FILE",
+                     help="TOML file with a [serve] table of the settings below")  # fmt: skip
+    add_section(srv, "serve", ServeConfig, skip=("host", "port", "api_key"))
+    _leaf(srv, _serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -558,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hippos", description="H3 state space language models.")
     parser.add_argument("--version", action="version", version=f"hippos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_generate, _add_convert, _add_train, _add_eval, _add_tokenizer, _add_bench):
+    for add in (_add_demo, _add_generate, _add_convert, _add_train, _add_eval, _add_tokenizer, _add_bench, _add_serve):
         add(sub)
     return parser
 

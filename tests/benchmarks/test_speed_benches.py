@@ -120,6 +120,34 @@ def test_matvec_sweep_multiplies_exactly_the_weights_of_a_decode_step(monkeypatc
     assert {id(w) for w in seen} == step_weights
 
 
+def test_generate_bench_quantizes_our_models_and_keeps_the_fp32_floor(monkeypatch):
+    from hippos.layers import Int8Linear
+    from hippos.models.quantize import quantization_of
+
+    cfg = GenerateBenchConfig(preset="tiny", batches=(2,), prompts=(8,), new_tokens=2, models=("h3",), quantize="int8")
+    model, fp32_bytes = generate_bench._build("h3", cfg)
+    assert quantization_of(model) == "int8" and fp32_bytes == generate_bench.weight_bytes(build_model("h3", "tiny", 8))
+    record = generate_bench.measure_generate("h3", 2, 8, cfg)  # batch 2: no floor rounds, fast
+    assert record["quantize"] == "int8" and record["weight_bytes"] == fp32_bytes
+    assert 0 < record["model_bytes"] < fp32_bytes and record["decode_tokens_per_s"] > 0
+    table = generate_table({"rows": [record]})
+    assert "hippos pure H3, int8" in table and "floor is still the fp32 weight bytes" in table
+    # The matvec sweep times the int8 layers, the head included.
+    seen = []
+    monkeypatch.setattr(generate_bench, "decode_linear", lambda linear, x: seen.append(linear))
+    matvec_ms(model, repeats=1)
+    assert set(map(id, seen)) == {id(m) for m in model.modules() if isinstance(m, Int8Linear)}
+    # The floor of a quantized model's step: the fp32 bytes it was given, not the int8 model's parameters.
+    monkeypatch.setattr(generate_bench, "ReadBandwidth", lambda device: type("B", (), {"sample": lambda s, r: 1.0})())
+    monkeypatch.setattr(generate_bench, "median_time", lambda *args, **kwargs: 0.004)  # every timing 4 ms
+    with torch.inference_mode():
+        got = generate_bench.floor_ratios(model, lambda: None, "cpu", 1, 2, weights=fp32_bytes)
+    assert got["x_floor"] == pytest.approx(4.0 / (fp32_bytes / 1e6))  # 1 GB/s: the floor is fp32_bytes / 1e6 ms
+    assert generate_bench.weight_bytes(model) < fp32_bytes / 2  # the int8 model's own parameters: not its floor
+    with pytest.raises(ValueError, match="quantize must name one or more of none, int8; got int4"):
+        GenerateBenchConfig(quantize="int4")
+
+
 @pytest.mark.parametrize("bad", [{"models": ("mamba",)}, {"batch": 0}, {"lengths": ()}, {"lengths": (1,)}])
 def test_train_bench_refuses_bad_settings_when_the_config_is_made(bad):
     with pytest.raises(ValueError):

@@ -37,7 +37,7 @@ def _check_request(model: H3LM, input_ids, max_new_tokens: int, sampling: Sampli
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_prompt(input_ids, attention_mask, state)
-    check_generator(sampling.generator, model.lm_head.weight.device)
+    check_generator(sampling.generator, model.device)
 
 
 def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None, state: LMState | None) -> None:

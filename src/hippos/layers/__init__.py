@@ -7,11 +7,13 @@
 Each mixer's state is a small dataclass (H3State, S4DState, AttentionState) with one protocol (layers/state.py):
 batch_size, select(rows), concat(states), to(device, dtype), to_tensors() and from_tensors(tensors).
 The SSMs themselves (ShiftSSM, DiagonalSSM) work channel-first on (..., H, L) with the same three calls.
+Int8Linear is the int8-weight linear layer of quantized models (docs/quantization.md).
 """
 
 from .attention import AttentionState, MultiHeadAttention
 from .diagonal_ssm import DiagonalSSM
 from .h3 import H3, H3State
+from .int8_linear import Int8Linear
 from .s4d import S4D, S4DState
 from .shift_ssm import ShiftSSM
 from .state import STATE_TYPES, MixerState, SSMState, state_type
@@ -23,6 +25,7 @@ __all__ = [
     "AttentionState",
     "DiagonalSSM",
     "H3State",
+    "Int8Linear",
     "MixerState",
     "MultiHeadAttention",
     "S4DState",

@@ -205,7 +205,7 @@ class MultiHeadAttention(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None, capacity: int = 256) -> AttentionState:
         """Empty state with room for `capacity` tokens per row (it grows when needed)."""
-        dtype = dtype or self.Wqkv.weight.dtype
+        dtype = dtype or self.Wqkv.bias.dtype  # not .weight: an int8 layer would dequantize it to answer
         shape = (batch_size, self.n_head, capacity, self.head_dim)
         zeros = torch.zeros(shape, device=device, dtype=dtype)
         return AttentionState(KVBuffers(zeros, torch.zeros_like(zeros), 0), 0)

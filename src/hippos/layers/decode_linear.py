@@ -8,7 +8,8 @@ and running them as one batched matmul lets every core stream its own block. Mea
     batch 1:  768x768 16 -> 50 GB/s, 3072x768 16 -> 58, 768x3072 22 -> 59, 50264x768 16 -> 60
     batch 16: equal or better only for very wide outputs (the LM head: 3 -> 11 GB/s); else F.linear.
 
-Accelerators use F.linear unchanged.
+Accelerators use F.linear unchanged. Layers that are not a plain nn.Linear (Int8Linear: int8 weights, their own
+CPU kernel, docs/quantization.md) run their own forward.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ SMALL_BATCH = 4  # up to this many rows, blocks always pay
 WIDE_OUTPUT = 8192  # from this many output features, blocks pay at any batch size
 
 
-def decode_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
     """linear(x) for x (B, in) with small B, faster on the CPU; same result up to summation order."""
+    if not isinstance(linear, nn.Linear):
+        return linear(x)
     W = linear.weight
     rows, out_features = x.shape[0], W.shape[0]
     if (

@@ -28,12 +28,14 @@ from .shift_ssm import ShiftSSM
 from .state import SSMState
 
 
-def channel_first_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+def channel_first_linear(linear: nn.Module, x: Tensor) -> Tensor:
     """linear(x) laid out channel-first: x (B, L, D_in) -> contiguous (B, D_out, L), as W x^T + b.
 
     BLAS reads x^T without a copy; elementwise products on a transposed view of linear(x) instead were
     measured several times slower than on contiguous tensors, in the forward pass and the backward pass.
     """
+    if not isinstance(linear, nn.Linear):  # an int8 layer (docs/quantization.md) runs its own product
+        return linear(x).mT.contiguous()
     weight = linear.weight.expand(x.shape[0], -1, -1)
     if linear.bias is None:
         return torch.bmm(weight, x.mT)
@@ -110,8 +112,15 @@ class H3(nn.Module):
         if keep is not None:
             k = k * keep  # so that kv = k' v is zero too: the diagonal SSM's input
         y, diag_state = self._diag_mix(q, k, v, state.diag if state else None, return_state)
-        out = torch.matmul(y.mT, self.output_linear.weight.T) + self.output_linear.bias
+        out = self._output(y)
         return out, (H3State(shift_state, diag_state) if return_state else None)
+
+    def _output(self, y: Tensor) -> Tensor:
+        """The output projection of channel-first y (B, D, L) -> (B, L, D)."""
+        linear = self.output_linear
+        if not isinstance(linear, nn.Linear):  # an int8 layer runs its own product
+            return linear(y.mT)
+        return torch.matmul(y.mT, linear.weight.T) + linear.bias
 
     def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:
         """One token; x_t (B, D) -> (out (B, D), new state)."""

@@ -4,12 +4,17 @@ Files are written to a temporary name and renamed (hippos.data.files.atomic_writ
 never leaves a half-written model behind. Loading lists every missing, unexpected or mis-shaped key in one
 error (`check_keys`), for our own files and official ones alike (these in the file's own names).
 
+A quantized model (models/quantize.py) saves its int8 tensors and scales under its own keys (`lm_head.qweight`,
+`...fc1.scale`) and records the method in config.json ("quantization": "int8", beside the H3Config fields);
+loading builds that layout before the tensors go in (docs/quantization.md).
+
 This module never imports the model class: `H3LM.from_pretrained` passes itself to `load_pretrained`, so imports
 run one way (lm.py -> checkpoint.py -> official.py -> config.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,9 +26,11 @@ from torch import Tensor, nn
 from ..data.files import atomic_write
 from .config import H3Config
 from .official import EMBEDDING, TIED_KEY, convert_official_state_dict, official_name, read_checkpoint
+from .quantize import NONE, int8_layout, quantization_of
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+QUANTIZATION_KEY = "quantization"  # config.json: how the weights are stored, when not as floats ("int8")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or OWNER/NAME
 
 Model = TypeVar("Model", bound=nn.Module)
@@ -36,8 +43,17 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: model.config.save(tmp))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: _save_config(model, tmp))
     return directory
+
+
+def _save_config(model: nn.Module, path: str) -> None:
+    """model.config as JSON, with the quantization recorded when the model has one."""
+    quantization = quantization_of(model)
+    if quantization == NONE:
+        return model.config.save(path)  # float models: the file stays what it always was
+    with open(path, "w") as f:
+        json.dump({**model.config.to_dict(), QUANTIZATION_KEY: quantization}, f, indent=2)
 
 
 def load_pretrained(cls: type[Model], source: str | Path, device=None, dtype=None, **convert_options) -> Model:
@@ -47,9 +63,11 @@ def load_pretrained(cls: type[Model], source: str | Path, device=None, dtype=Non
     official-checkpoint converter when one is used.
     """
     path = _local_path(source, convert_options)
+    quantization = NONE
     if path.is_dir():
         config, tensors = read_directory(path)
-        model = cls(config)
+        quantization = read_quantization(path)
+        model = cls(config) if quantization == NONE else int8_layout(cls(config), quantization)
         check_keys(_shapes(model), tensors, f"{path / WEIGHTS_NAME} does not fit this model:")
     else:
         config, tensors = read_official(path, **convert_options)
@@ -60,7 +78,8 @@ def load_pretrained(cls: type[Model], source: str | Path, device=None, dtype=Non
             expected = _shapes(cls(config))
         check_keys(expected, tensors, f"{path}: {_misfit(config)}", official_name)
         model = cls(config)
-    model.load_state_dict({**tensors, TIED_KEY: tensors[EMBEDDING]}, strict=True)
+    tied = {TIED_KEY: tensors[EMBEDDING]} if quantization == NONE else {}  # a quantized head has its own int8 copy
+    model.load_state_dict({**tensors, **tied}, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -105,7 +124,10 @@ def read_directory(directory: str | Path) -> tuple[H3Config, dict[str, Tensor]]:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}; expected a directory written by save_pretrained")
-    config = H3Config.load(directory / CONFIG_NAME)
+    with open(directory / CONFIG_NAME) as f:
+        fields = json.load(f)
+    fields.pop(QUANTIZATION_KEY, None)  # read_quantization's; not an H3Config field
+    config = H3Config.from_dict(fields)
     weights = directory / WEIGHTS_NAME
     try:
         tensors = load_file(weights)
@@ -115,6 +137,12 @@ def read_directory(directory: str | Path) -> tuple[H3Config, dict[str, Tensor]]:
     if head is not None and embedding is not None and not torch.equal(head, embedding):
         raise ValueError(f"{weights}: {TIED_KEY} differs from the embedding, but hippos models tie the two")
     return config, tensors
+
+
+def read_quantization(directory: str | Path) -> str:
+    """How the weights in a save_pretrained directory are stored: "none" (floats) or a quantize() method."""
+    with open(Path(directory) / CONFIG_NAME) as f:
+        return json.load(f).get(QUANTIZATION_KEY, NONE)
 
 
 def read_official(path: str | Path, n_head: int | None = None, *, vocab_size: int | None = None):

@@ -71,6 +71,11 @@ class H3HFConfig(PreTrainedConfig, _H3Fields):
     tie_word_embeddings: ClassVar[bool] = True
 
     def __post_init__(self, **kwargs):
+        if kwargs.get("quantization") is not None:  # written by save_pretrained of a hippos.quantize model
+            raise ValueError(
+                f"this folder holds a {kwargs['quantization']} model, whose layers transformers cannot build: "
+                "load it with hippos.H3LM.from_pretrained (docs/quantization.md)"
+            )
         super().__post_init__(**kwargs)
         self.attn_layer_idx = tuple(int(i) for i in self.attn_layer_idx)  # JSON gives a list
         if not self.tie_word_embeddings:

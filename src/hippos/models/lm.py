@@ -201,10 +201,15 @@ class H3LM(nn.Module):
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         check_ids_in_range(input_ids, self.config.vocab_size, "token ids")
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: the word embedding's device (an int8 LM head holds no float weight to ask)."""
+        return self.backbone.embeddings.word_embeddings.weight.device
+
     # ---- state contract ----------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> LMState:
         """Every block's empty state for a batch of batch_size rows."""
-        device = device or self.lm_head.weight.device
+        device = device or self.device
         return LMState([block.mixer.init_state(batch_size, device, dtype) for block in self.backbone.layers])
 
     def forward(
