@@ -140,14 +140,19 @@ def _report(result: dict, table: str, json_path: str | None) -> None:
         print(f"wrote {json_path}")
 
 
+def _plot(plot, result: dict, path: str | None) -> None:
+    """Draw a benchmark's plot with `plot(result, path)` when --plot asked for it."""
+    if path:
+        plot(result, path)
+        print(f"wrote {path}")
+
+
 def _report_runs(result: dict, table: str, args: argparse.Namespace, out: str, plot) -> int:
     """A training benchmark's table, the runs it reused and its wall time; its JSON record and plot if asked."""
     _report(result, table, args.json)
     reused = f"; {result['reused']} finished run(s) reused from {out}" if result["reused"] else ""
     print(f"wall time {result['wall_seconds']:.0f} s{reused}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    _plot(plot, result, args.plot)
     return 0
 
 
@@ -322,9 +327,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
     result = run_layer_bench(cfg, progress=_progress_bar("bench layer"))
     _report(result, format_table(result, markdown=args.markdown), args.json)
     print(f"measured fp32 matmul rate: {result['matmul_gflops']:.0f} GFLOP/s")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    _plot(plot, result, args.plot)
     return 0
 
 
@@ -397,9 +400,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     result = run_serve_bench(cfg, progress=_progress_bar("bench serve"))
     _report(result, format_table(result, markdown=args.markdown), args.json)
     print(f"wall time {result['wall_seconds']:.0f} s")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    _plot(plot, result, args.plot)
     return 0
 
 
