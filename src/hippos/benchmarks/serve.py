@@ -59,6 +59,7 @@ class ServeBenchConfig:
     second_turn_tokens: int = 2048  # first prompt of the second-turn row (0: no second-turn row)
     second_turn_new_tokens: int = 32  # tokens generated in each turn of that row, and its follow-up's length
     quantize: str = "none"  # none or int8: our models' weights (hippos serve --quantize)
+    cache_bytes: int = 1 << 30  # our servers' state-cache budget (--serve.cache_bytes; 0: no cache)
     timeout: float = 1800.0  # seconds one request may take before it counts as failed
     startup_timeout: float = 300.0  # seconds a server may take to start answering /health
     seed: int = 0  # seed of the random weights and prompts
