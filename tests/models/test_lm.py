@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hippos import H3LM, H3Config, LMState
+from hippos.layers.state import SSMState
 from hippos.models.config import PRESETS
 from tolerances import assert_close
 
@@ -97,6 +98,36 @@ def test_rows_of_different_lengths_joined_decode_as_each_alone(variant):
             tokens_alone, logits_alone = greedy_steps(model, out.logits[:, -1], out.state, 8)
             assert torch.equal(tokens[row : row + 1], tokens_alone), f"row {row}"
             assert_close(logits[row : row + 1], logits_alone, msg=f"row {row}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_in_place_step_extend_and_select_equal_the_value_operations(variant):
+    """step(in_place=True), extend_ and select_ give exactly what step, concat and select give, changing only the
+    LMState they are given; the in-place step writes every SSM state into its own tensors (no new ones)."""
+    model = tiny(variant).double()
+    with torch.no_grad():
+        a = model(torch.randint(0, 257, (2, 9)), return_state=True).state
+        b = model(torch.randint(0, 257, (1, 4)), return_state=True).state
+        token = torch.tensor([5, 6, 7])
+        expected, expected_state = model.step(token, LMState.concat([a, b]))
+        owned = LMState(list(a.layers))
+        owned.extend_(b)
+        assert [s.batch_size for s in a.layers] == [2] * len(a)  # a itself untouched
+        storage = _ssm_storage(owned)
+        logits, returned = model.step(token, owned, in_place=True)
+        assert returned is owned and torch.equal(logits, expected)
+        assert _ssm_storage(owned) == storage
+        owned.select_([2, 0])
+        kept = expected_state.select([2, 0]).to_tensors()
+    assert owned.batch_size == 2 and owned.to_tensors().keys() == kept.keys()
+    assert all(torch.equal(t, kept[name]) for name, t in owned.to_tensors().items())
+    with pytest.raises(ValueError, match="same model"):
+        owned.extend_(LMState(owned.layers[:1]))
+
+
+def _ssm_storage(state: LMState) -> list[int]:
+    """Where each SSM layer's state tensors live (attention states manage their own buffers)."""
+    return [t.data_ptr() for s in state if isinstance(s, SSMState) for t in s.to_tensors().values()]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,7 +1,7 @@
 """Every SSM op of the ops contract against its reference: outputs, final states and every gradient.
 
     y, final_state = op(u, <params...>, D, initial_state, output_final_state)
-    y_t, state = op_step(u_t, state, <params...>, D)
+    y_t, state = op_step(u_t, state, <params...>, D, in_place=False)  # True: written into state itself
 
 For each fast op (short_conv, diag_ssm_fft, diag_ssm_chunked) and each fast step (short_conv_step,
 diag_ssm_step), in float64: with and without an initial state, with the final state asked for or not, lengths
@@ -207,3 +207,28 @@ def test_steps_over_a_sequence_equal_the_op(system_name, step, L, s4d_params, ru
         y_ref, h_ref = system.ref(u, *params, D, s0, True)
     assert_close(y, y_ref)
     assert_close(h, h_ref)
+
+
+IN_PLACE = {
+    "short_conv_step": ("shift", short_conv_step),
+    "short_conv_step_ref": ("shift", short_conv_step_ref),
+    "diag_ssm_step": ("diag", diag_ssm_step),
+    "diag_ssm_step_ref": ("diag", diag_ssm_step_ref),
+}
+
+
+@pytest.mark.parametrize("lead", LEADS.values(), ids=LEADS.keys())
+@pytest.mark.parametrize("name", IN_PLACE)
+def test_in_place_steps_write_the_same_state_into_their_own(name, lead, s4d_params):
+    """in_place=True returns the state it was given, holding exactly what the step returns otherwise."""
+    system_name, step = IN_PLACE[name]
+    system = SYSTEMS[system_name](s4d_params)
+    with torch.no_grad():
+        params, D = system.params(), torch.randn(H, dtype=F64)
+        state = system.state(system.state_leaf(lead)).clone()
+        u_t = torch.randn(*lead, H, dtype=F64)
+        y, expected = step(u_t, state, *params, D)
+        owned = state.clone()
+        y_in_place, returned = step(u_t, owned, *params, D, in_place=True)
+    assert returned is owned and torch.equal(owned, expected) and torch.equal(y_in_place, y)
+    assert not torch.equal(state, expected)  # the step did change the state: the check above means something

@@ -181,12 +181,16 @@ def test_a_follow_up_prefills_only_its_new_tokens(layout):
         engine.submit(greedy(longer, 12), neighbour)
         engine.submit(greedy(prompt, 6), first)
         first.wait()
+        kept = {key: _copied(entry.state) for key, entry in engine.cache._entries.items()}
         follow_up = prompt + tuple(first.tokens) + new
         second = Collector()
         engine.submit(greedy(follow_up, 7), second)
         second.wait()
         neighbour.wait()
         stats = engine.stats()
+        # The follow-up decoded in place from a cached state: no cached tensor changed (states are values).
+        for key, tensors in kept.items():
+            assert all(torch.equal(t, tensors[n]) for n, t in engine.cache._entries[key].state.to_tensors().items())
     with serving(model, cache_bytes=0) as engine:
         fresh = Collector()
         engine.submit(greedy(follow_up, 7), fresh)
@@ -200,6 +204,10 @@ def test_a_follow_up_prefills_only_its_new_tokens(layout):
     assert stats.prompt_tokens == len(longer) + len(prompt) + len(follow_up)
     assert (stats.cache_hits, stats.cache_misses) == (1, 2)
     assert stats.cache_entries == 6 and stats.cache_bytes > 0  # each request: its prompt, its prompt + completion
+
+
+def _copied(state) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in state.to_tensors().items()}
 
 
 def test_the_queue_is_bounded_and_stop_drains_it():
@@ -254,16 +262,19 @@ def test_never_more_rows_than_max_running():
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(monkeypatch):
+    """The step fails in its second block, after the first block's state was replaced in place: the half-advanced
+    batch is dropped with its requests, and the next request decodes as it would alone."""
     model = tiny("hybrid")
-    real_step, calls = model.step, []
+    block = model.backbone.layers[1]
+    real_step, calls = block.step, []
 
-    def step_failing_once(tokens, state):
-        calls.append(len(tokens))
+    def step_failing_once(x, state, **kw):
+        calls.append(len(x))
         if len(calls) == 1:
             raise RuntimeError("out of memory (simulated)")
-        return real_step(tokens, state)
+        return real_step(x, state, **kw)
 
-    monkeypatch.setattr(model, "step", step_failing_once)
+    monkeypatch.setattr(block, "step", step_failing_once)
     with serving(model) as engine:
         failed = Collector()
         engine.submit(greedy(prompt_of(5, 0), 8), failed)
@@ -274,7 +285,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(monkeypatch):
         finished = engine.stats().requests_finished
     assert final.finish_reason == "error" and "out of memory (simulated)" in final.error
     assert len(failed.tokens) == 1  # its first token came from the prefill, before the failed step
-    monkeypatch.setattr(model, "step", real_step)
+    monkeypatch.setattr(block, "step", real_step)
     assert later.tokens == alone(model, prompt_of(5, 1), 8)
     assert finished["error"] == 1 and finished["length"] == 1
 

@@ -9,18 +9,26 @@ arrived divided by the round's wall time, first send to last byte. Tokens are co
 The server's memory is read from /proc/PID/status: its peak resident set (VmHWM, reset at the start of a
 round through /proc/PID/clear_refs) and its resident set sampled while the round runs, of which the samples
 taken while every client's request was decoding (`Round.decode_window`) give the decode-time memory. On
-systems without /proc these read as None and the tables print "n/a".
+systems without /proc these read as None and the tables print "n/a". Our server's resident set also holds
+its state cache (the prompt states it keeps for follow-ups, within its own budget): where asked, the round
+also scrapes the server's /metrics for the cache's size, and the largest size inside the same window gives
+the part of the decode-time memory that is the cache's. A server without that gauge (transformers serve)
+simply gives no such samples.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 
 SAMPLE_S = 0.05  # how often the server's resident memory is sampled during a round
+# How often the server's /metrics is scraped for its state cache's size during a round: the cache changes only
+# when a request joins or finishes, so a coarse poll sees it, and a scrape costs the server little.
+CACHE_SAMPLE_S = 0.5
+# Our server's gauge of the bytes its state cache holds (docs/serving.md, "The HTTP server", Metrics).
+CACHE_METRIC = "hippos_state_cache_bytes"
 
 
 def http_module():
@@ -118,6 +126,8 @@ class Round:
     start: float  # perf_counter when the first request was sent
     end: float  # perf_counter when the last stream ended
     rss_samples: list[tuple[float, int]]  # (perf_counter, server resident KiB) taken during the round
+    # (perf_counter, bytes in the server's state cache) scraped from /metrics during the round, if asked
+    cache_samples: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def results(self) -> list[RequestResult]:
@@ -137,28 +147,37 @@ class Round:
         return (opened, closed) if opened < closed else None
 
 
-async def _round(base_url: str, per_client: list[list[dict]], timeout: float, pid: int | None) -> Round:
-    """Every client's requests at once, sampling the server's memory meanwhile."""
+async def _round(base_url: str, per_client: list[list[dict]], timeout: float, pid: int | None, cache: bool) -> Round:
+    """Every client's requests at once, sampling the server's memory (and its state cache's size) meanwhile."""
     http = http_module()
+    # One connection per client and a spare one for the /metrics poll.
     limits = http.Limits(max_connections=len(per_client) + 1, max_keepalive_connections=len(per_client) + 1)
-    samples: list[tuple[float, int]] = []
+    rss: list[tuple[float, int]] = []
+    cached: list[tuple[float, float]] = []
+    base_url = base_url.rstrip("/")
     # trust_env off: a proxy set in the environment must not sit between the clients and a local server.
     async with http.AsyncClient(timeout=http.Timeout(timeout), limits=limits, trust_env=False) as client:
-        sampler = asyncio.create_task(_sample_rss(pid, samples)) if pid else None
+        watchers = [asyncio.create_task(_sample_rss(pid, rss))] if pid else []
+        if cache:
+            watchers.append(asyncio.create_task(_poll_cache(client, base_url + "/metrics", cached)))
         start = time.perf_counter()
-        url = base_url.rstrip("/") + "/v1/completions"
-        done = await asyncio.gather(*(_client(client, url, bodies) for bodies in per_client))
+        done = await asyncio.gather(*(_client(client, base_url + "/v1/completions", bodies) for bodies in per_client))
         end = time.perf_counter()
-        if sampler:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
-    return Round(list(done), start, end, samples)
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)  # each ends cancelled (or had ended on its own)
+    return Round(list(done), start, end, rss, cached)
 
 
-def run_round(base_url: str, per_client: list[list[dict]], timeout: float, pid: int | None = None) -> Round:
-    """Run `len(per_client)` concurrent streaming clients, each sending its list of request bodies in turn."""
-    return asyncio.run(_round(base_url, per_client, timeout, pid))
+def run_round(
+    base_url: str, per_client: list[list[dict]], timeout: float, pid: int | None = None, cache_metrics: bool = False
+) -> Round:
+    """Run `len(per_client)` concurrent streaming clients, each sending its list of request bodies in turn.
+
+    pid: the server's process, whose resident memory is sampled; cache_metrics: also scrape the server's
+    /metrics for its state cache's size (our servers; others simply give no samples).
+    """
+    return asyncio.run(_round(base_url, per_client, timeout, pid, cache_metrics))
 
 
 async def _sample_rss(pid: int, samples: list[tuple[float, int]]) -> None:
@@ -168,6 +187,36 @@ async def _sample_rss(pid: int, samples: list[tuple[float, int]]) -> None:
         if rss is not None:
             samples.append((time.perf_counter(), rss))
         await asyncio.sleep(SAMPLE_S)
+
+
+async def _poll_cache(client, url: str, samples: list[tuple[float, float]]) -> None:
+    """Append (time, state-cache bytes) scraped from url every CACHE_SAMPLE_S until cancelled; never raises.
+
+    The first answer that is not a 200 with the gauge in it, or a scrape that fails, ends the poll for the rest
+    of the round: that server has no such metric (a baseline), or cannot be asked.
+    """
+    while True:
+        try:
+            response = await client.get(url)
+            value = gauge_value(response.text, CACHE_METRIC) if response.status_code == 200 else None
+        except Exception:  # a refused connection, a timeout: no cache figure for this round
+            return
+        if value is None:
+            return
+        samples.append((time.perf_counter(), value))
+        await asyncio.sleep(CACHE_SAMPLE_S)
+
+
+def gauge_value(text: str, name: str) -> float | None:
+    """The value of the unlabelled metric `name` in Prometheus text; None where it is missing or unreadable."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == name:
+            try:
+                return float(parts[1])
+            except ValueError:
+                return None
+    return None
 
 
 def read_status_kib(pid: int, field_name: str) -> int | None:
@@ -203,15 +252,24 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def _inside(samples: list[tuple[float, float]], window: tuple[float, float] | None) -> list[float]:
+    """The values of (time, value) samples taken inside window (none where there is no window)."""
+    return [value for t, value in samples if window and window[0] <= t <= window[1]]
+
+
 def summarize(round_: Round) -> dict:
-    """A round's figures: tokens/s over its wall time, TTFT and ITL p50/p99 (s), errors, the memory sampled."""
+    """A round's figures: tokens/s over its wall time, TTFT and ITL p50/p99 (s), errors, the memory sampled.
+
+    decode_rss_mib is the server's largest resident set inside the decode window, decode_cache_mib its state
+    cache's largest size there (None where it was not scraped or no sample fell inside the window).
+    """
     ok = [r for r in round_.results if r.error is None]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     gaps = [g for r in ok for g in r.gaps]
     wall = round_.end - round_.start
     tokens = sum(r.tokens for r in ok)
     window = round_.decode_window()
-    decoding = [kib for t, kib in round_.rss_samples if window and window[0] <= t <= window[1]]
+    decoding, cache = _inside(round_.rss_samples, window), _inside(round_.cache_samples, window)
     errors = [r.error for r in round_.results if r.error is not None]
     return {
         "requests": len(round_.results), "errors": len(errors), "first_error": errors[0] if errors else None,
@@ -220,5 +278,6 @@ def summarize(round_: Round) -> dict:
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
         "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
         "decode_rss_mib": max(decoding) / 1024 if decoding else None,
+        "decode_cache_mib": max(cache) / 2**20 if cache else None,
         "max_rss_mib": max(k for _, k in round_.rss_samples) / 1024 if round_.rss_samples else None,
     }  # fmt: skip

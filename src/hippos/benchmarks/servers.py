@@ -102,7 +102,8 @@ def server_command(kind: str, folder: Path, port: int, clients: int, cfg) -> lis
                 *common]  # fmt: skip
     quant = ["--quantize", cfg.quantize] if cfg.quantize != "none" else []
     limits = {"max_running": clients, "max_queue": max(clients, 64), "max_prompt_tokens": longest,
-              "max_tokens": max(cfg.new_tokens, cfg.second_turn_new_tokens), "cache_bytes": cfg.cache_bytes}  # fmt: skip
+              "max_tokens": max(cfg.new_tokens, cfg.second_turn_new_tokens),
+              "cache_bytes": cfg.cache_bytes}  # fmt: skip
     flags = [text for key, value in limits.items() for text in (f"--serve.{key}", str(value))]
     return [sys.executable, "-m", "hippos", "serve", "--model", str(folder), "--served-model-name", kind, *common,
             *flags, *quant]  # fmt: skip

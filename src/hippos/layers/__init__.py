@@ -1,7 +1,7 @@
 """Sequence layers. Mixers (H3, S4D, attention) share one state contract (docs/state.md):
 
     y, state = mixer(x, state=None, return_state=False)   # x (B, L, D), parallel over the sequence
-    y_t, state = mixer.step(x_t, state)                    # x_t (B, D), one token
+    y_t, state = mixer.step(x_t, state, in_place=False)    # x_t (B, D), one token (in place: the owner's path)
     state = mixer.init_state(batch_size, device, dtype)
 
 Each mixer's state is a small dataclass (H3State, S4DState, AttentionState) with one protocol (layers/state.py):

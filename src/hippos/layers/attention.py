@@ -250,8 +250,12 @@ class MultiHeadAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
         return out, (state if return_state else None)
 
-    def step(self, x_t: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
-        """One token per row; x_t (B, D) -> (out (B, D), state with the token appended to every row)."""
+    def step(self, x_t: Tensor, state: AttentionState, *, in_place: bool = False) -> tuple[Tensor, AttentionState]:
+        """One token per row; x_t (B, D) -> (out (B, D), state with the token appended to every row).
+
+        in_place is accepted for the mixers' common signature: a state that ends where its buffers end is always
+        extended in place already (docs/state.md), and any other copies first, whoever owns it.
+        """
         check_token(x_t, self.d_model)
         _check_rows(state, x_t.shape[0])
         q, k, v = self._heads(x_t[:, None], _positions(state.end, 1, state.start, x_t.device))

@@ -152,8 +152,10 @@ class DiagonalSSM(nn.Module):
         op = diag_ssm_chunked if self.resolve_mode(u.shape[-1]) == "chunked" else diag_ssm_fft
         return op(u, *self.discrete(), skip, state, return_state, chunk=self.chunk)
 
-    def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One recurrent step; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state)."""
+    def step(
+        self, u_t: Tensor, state: Tensor, skip: Tensor | None = None, *, in_place: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """One recurrent step; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state; `state` when in_place)."""
         check_state(state, (*u_t.shape, self.n_modes), "diagonal SSM state")
         dA, dB, C, out_weights = self._step_cache.get(self.parameters_list(), self._step_constants)
-        return diag_ssm_step(u_t, state, dA, dB, C, skip, out_weights=out_weights)
+        return diag_ssm_step(u_t, state, dA, dB, C, skip, out_weights=out_weights, in_place=in_place)

@@ -122,22 +122,27 @@ class H3(nn.Module):
             return linear(y.mT)
         return torch.matmul(y.mT, linear.weight.T) + linear.bias
 
-    def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:
-        """One token; x_t (B, D) -> (out (B, D), new state)."""
+    def step(self, x_t: Tensor, state: H3State, *, in_place: bool = False) -> tuple[Tensor, H3State]:
+        """One token; x_t (B, D) -> (out (B, D), new state).
+
+        in_place: the new state is written into `state`'s own tensors and `state` is returned (for a caller that
+        owns it alone, like the serving engine: no state-sized allocation per step); the same values.
+        """
         check_token(x_t, self.d_model)
         q, k, v = (decode_linear(proj, x_t) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        k, shift_state = self.shift.step(k, state.shift, skip=self.ssm_k_D)
-        y, diag_state = self._diag_mix(q[..., None], k[..., None], v[..., None], state.diag, None)
-        return decode_linear(self.output_linear, y[..., 0]), H3State(shift_state, diag_state)
+        k, shift_state = self.shift.step(k, state.shift, skip=self.ssm_k_D, in_place=in_place)
+        y, diag_state = self._diag_mix(q[..., None], k[..., None], v[..., None], state.diag, None, in_place)
+        out = decode_linear(self.output_linear, y[..., 0])
+        return out, (state if in_place else H3State(shift_state, diag_state))
 
     # ---- the multiplicative core ------------------------------------------------------------------------
-    def _diag_mix(self, q: Tensor, k: Tensor, v: Tensor, diag_state, return_state):
-        """q * diag_ssm(k * v) on channel-first (B, D, L) tensors; return_state None means one step."""
+    def _diag_mix(self, q: Tensor, k: Tensor, v: Tensor, diag_state, return_state, in_place: bool = False):
+        """q * diag_ssm(k * v) on channel-first (B, D, L) tensors; return_state None means one step (maybe in place)."""
         ssm = self.diag
         if self.head_dim == 1:
             kv = k * v
             if return_state is None:
-                y, new = ssm.step(kv[..., 0], diag_state, skip=self.D)
+                y, new = ssm.step(kv[..., 0], diag_state, skip=self.D, in_place=in_place)
                 y = y[..., None]
             else:
                 y, new = ssm(kv, diag_state, return_state, skip=self.D)
@@ -148,7 +153,7 @@ class H3(nn.Module):
         # kv[b, d1, d2, h, l] = k'[b, h, d1, l] v[b, h, d2, l]: the channel axis h goes next to time.
         kv = torch.einsum("bhil,bhjl->bijhl", k, v)
         if return_state is None:
-            y, new = ssm.step(kv[..., 0], diag_state, skip=self.D)
+            y, new = ssm.step(kv[..., 0], diag_state, skip=self.D, in_place=in_place)
             y = y[..., None]
         else:
             y, new = ssm(kv, diag_state, return_state, skip=self.D)

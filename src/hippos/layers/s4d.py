@@ -65,8 +65,8 @@ class S4D(nn.Module):
         y, diag = self.diag(u, state.diag if state is not None else None, return_state, skip=self.D)
         return self.output_linear(F.gelu(y.transpose(1, 2))), (S4DState(diag) if return_state else None)
 
-    def step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
-        """One token; x_t (B, D) -> (out (B, D), new state)."""
+    def step(self, x_t: Tensor, state: S4DState, *, in_place: bool = False) -> tuple[Tensor, S4DState]:
+        """One token; x_t (B, D) -> (out (B, D), new state; `state` itself, updated, when in_place: see H3.step)."""
         check_token(x_t, self.d_model)
-        y, diag = self.diag.step(x_t, state.diag, skip=self.D)
-        return decode_linear(self.output_linear, F.gelu(y)), S4DState(diag)
+        y, diag = self.diag.step(x_t, state.diag, skip=self.D, in_place=in_place)
+        return decode_linear(self.output_linear, F.gelu(y)), (state if in_place else S4DState(diag))

@@ -62,9 +62,11 @@ class ShiftSSM(nn.Module):
             check_state(state, (*u.shape[:-1], self.d_state), "shift SSM state")
         return short_conv(u, self.kernel(), skip, initial_state=state, output_final_state=return_state)
 
-    def step(self, u_t: Tensor, state: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One step; u_t (..., H), state (..., H, N) -> (y_t (..., H), new state)."""
+    def step(
+        self, u_t: Tensor, state: Tensor, skip: Tensor | None = None, *, in_place: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """One step; u_t (..., H), state (..., H, N) -> (y_t (..., H), new state; `state` itself when in_place)."""
         check_state(state, (*u_t.shape, self.d_state), "shift SSM state")
         k = self.kernel()
         flipped = self._flipped_cache.get((self.B, self.C), lambda: k.flip(-1))
-        return short_conv_step(u_t, state, k, skip, flipped=flipped)
+        return short_conv_step(u_t, state, k, skip, flipped=flipped, in_place=in_place)

@@ -62,6 +62,21 @@ class LMState:
             raise ValueError(f"concat needs states of one model, got {[len(s) for s in states]} layers")
         return cls([type(parts[0]).concat(parts) for parts in zip(*(s.layers for s in states), strict=True)])
 
+    # In place, layer by layer: for a holder that owns this state alone (the serving engine's running batch).
+    # Each layer's new state replaces its old one as soon as it is built, so the old and new copies of only one
+    # layer exist at once, instead of two whole batch states. The mixer states themselves stay values.
+    def extend_(self, other: LMState) -> None:
+        """Append other's rows after this state's rows, in place (same result as concat([self, other]))."""
+        if len(other) != len(self):
+            raise ValueError(f"extend_ needs a state of the same model, got {len(other)} layers, not {len(self)}")
+        for i, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
+            self.layers[i] = type(mine).concat([mine, theirs])
+
+    def select_(self, rows: Tensor | Sequence[int]) -> None:
+        """Keep only these rows, in that order, in place (same result as select(rows))."""
+        for i, s in enumerate(self.layers):
+            self.layers[i] = s.select(rows)
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> LMState:
         """This state on `device`, for activations of `dtype` (SSM states keep their compute precision)."""
         return LMState([s.to(device, dtype) for s in self.layers])
@@ -139,9 +154,9 @@ class Block(nn.Module):
         x = x + self.dropout(h)
         return x + self.dropout(self.mlp(self.norm2(x))), state
 
-    def step(self, x_t: Tensor, state):
-        """x_t (B, D) -> (x_t, new mixer state)."""
-        h, state = self.mixer.step(self.norm1(x_t), state)
+    def step(self, x_t: Tensor, state, *, in_place: bool = False):
+        """x_t (B, D) -> (x_t, new mixer state; updated in place when asked, see H3.step)."""
+        h, state = self.mixer.step(self.norm1(x_t), state, in_place=in_place)
         x_t = x_t + h
         return x_t + self.mlp.step(self.norm2(x_t)), state
 
@@ -286,17 +301,23 @@ class H3LM(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
 
-    def step(self, input_ids: Tensor, state: LMState) -> tuple[Tensor, LMState]:
-        """One token per sequence; input_ids (B,) -> (logits (B, padded vocab), new state)."""
+    def step(self, input_ids: Tensor, state: LMState, *, in_place: bool = False) -> tuple[Tensor, LMState]:
+        """One token per sequence; input_ids (B,) -> (logits (B, padded vocab), new state).
+
+        in_place: advance `state` itself and return it, for a caller that owns the state alone (the serving
+        engine): every SSM state is updated in its own tensors, and each block's state replaces the old one as
+        soon as it is built, so a decode step allocates nothing the size of the state. Same logits and state.
+        """
         if input_ids.dim() != 1:
             raise ValueError(f"step takes one token per sequence, shape (batch,), got {tuple(input_ids.shape)}")
+        if len(state) != len(self.backbone.layers):
+            raise ValueError(f"the state has {len(state)} layers, the model {len(self.backbone.layers)} blocks")
         self._check_ids(input_ids)
         x = self.backbone.embeddings(input_ids)
-        new_state = []
-        for block, s in zip(self.backbone.layers, state):
-            x, s = block.step(x, s)
-            new_state.append(s)
-        return decode_linear(self.lm_head, self.backbone.ln_f(x)), LMState(new_state)
+        new = state if in_place else LMState(list(state.layers))
+        for i, block in enumerate(self.backbone.layers):
+            x, new.layers[i] = block.step(x, new.layers[i], in_place=in_place)
+        return decode_linear(self.lm_head, self.backbone.ln_f(x)), new
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors into directory (atomically)."""

@@ -315,12 +315,15 @@ def _short_conv_output(u: Tensor, k: Tensor, D: Tensor | None, history: Tensor |
     return from_chunks(y, uc, D, lead).to(u.dtype)
 
 
-def short_conv_step_ref(u_t: Tensor, state: Tensor, k: Tensor, D: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def short_conv_step_ref(
+    u_t: Tensor, state: Tensor, k: Tensor, D: Tensor | None = None, *, in_place: bool = False
+) -> tuple[Tensor, Tensor]:
     """Reference `short_conv_step`: shift u_t into the window, y_t = sum_i k[i] u_(t-i) (+ D u_t); same signature."""
     W, Lk = state.shape[-1], k.shape[-1]
     if Lk > W:
         raise ValueError(f"a window of {W} inputs cannot feed a filter of {Lk} taps (need W >= Lk)")
-    state = torch.cat([state[..., 1:], u_t[..., None].to(state.dtype)], dim=-1)
+    new = torch.cat([state[..., 1:], u_t[..., None].to(state.dtype)], dim=-1)
+    state = state.copy_(new) if in_place else new
     y = sum(k[:, i].to(state.dtype) * state[..., W - 1 - i] for i in range(Lk))  # tap i reads the input i steps back
     if D is not None:
         y = y + D.to(state.dtype) * u_t.to(state.dtype)
@@ -328,15 +331,27 @@ def short_conv_step_ref(u_t: Tensor, state: Tensor, k: Tensor, D: Tensor | None 
 
 
 def short_conv_step(
-    u_t: Tensor, state: Tensor, k: Tensor, D: Tensor | None = None, *, flipped: Tensor | None = None
+    u_t: Tensor,
+    state: Tensor,
+    k: Tensor,
+    D: Tensor | None = None,
+    *,
+    flipped: Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One step of `short_conv`; u_t (..., H), state (..., H, W >= Lk) -> (y_t (..., H), new window).
 
     The new window has u_t appended and its oldest input dropped. `flipped` may hold k.flip(-1), computed
-    once for many steps (decoding). No argument checks here: a decode step is measured in microseconds, and
-    the layers check the state's shape.
+    once for many steps (decoding). in_place: the new window is written into `state` and returned (for a caller
+    that owns the state alone; not under autograd). No argument checks here: a decode step is measured in
+    microseconds, and the layers check the state's shape.
     """
-    state = torch.cat([state[..., 1:], u_t[..., None].to(state.dtype)], dim=-1)
+    if in_place:
+        older = state[..., 1:].clone()  # copying a window onto itself shifted by one would race between threads
+        state[..., :-1] = older
+        state[..., -1] = u_t.to(state.dtype)
+    else:
+        state = torch.cat([state[..., 1:], u_t[..., None].to(state.dtype)], dim=-1)
     Lk = k.shape[-1]
     flipped = k.flip(-1) if flipped is None else flipped
     y = torch.linalg.vecdot(state[..., state.shape[-1] - Lk :], flipped.to(state.dtype))

@@ -106,10 +106,11 @@ def step_output_weights(C: Tensor) -> Tensor:
 
 
 def diag_ssm_step_ref(
-    u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Tensor | None = None
+    u_t: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Tensor | None = None, *, in_place: bool = False
 ) -> tuple[Tensor, Tensor]:
     """One step of the recurrence as defined; u_t (..., H) real, state (..., H, M) complex -> (y_t, new state)."""
-    state = dA * state + dB * u_t[..., None]
+    new = dA * state + dB * u_t[..., None]
+    state = state.copy_(new) if in_place else new
     y = 2 * (C * state).sum(-1).real
     if D is not None:
         y = y + D * u_t
@@ -125,14 +126,18 @@ def diag_ssm_step(
     D: Tensor | None = None,
     *,
     out_weights: Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Same as `diag_ssm_step_ref` in three fused ops; u_t (..., H), state (..., H, M) -> (y_t (..., H), new state).
 
     `out_weights` may hold `step_output_weights(C)`, computed once for many steps (decoding: a step is
-    measured in microseconds, so nothing is checked or recomputed here that need not be).
+    measured in microseconds, so nothing is checked or recomputed here that need not be). in_place: the new
+    state is written into `state` and returned, with no state-sized temporary (for a caller that owns the state
+    alone; not under autograd).
     """
     u = u_t.to(state.real.dtype)
-    state = torch.addcmul(dA * state, dB, u[..., None])
+    state = state.mul_(dA) if in_place else dA * state  # in place: no state-sized temporary at all
+    state = state.addcmul_(dB, u[..., None])
     w = step_output_weights(C) if out_weights is None else out_weights
     # linalg.vecdot conjugates its first argument: 2 sum_m C_m x_m = vecdot(2 conj(C), x), one fused op.
     y = torch.linalg.vecdot(w, state).real
